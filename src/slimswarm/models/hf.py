@@ -1,0 +1,68 @@
+"""Hugging Face model folders (config.json + safetensors or PyTorch shards), local or from the hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import SlimswarmError
+from .llama import ModelConfig
+from .tokenizer import HFTokenizer
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    p = folder / "config.json"
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimswarmError(f"{p}: invalid JSON ({e})") from None
+    return ModelConfig.from_hf(cfg, source=str(p))
+
+
+def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        files = sorted(folder.glob("pytorch_model*.bin"))
+        if not files:
+            raise SlimswarmError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(str(f), map_location="cpu", weights_only=True)
+        except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+            raise SlimswarmError(f"{f}: corrupt or truncated weights ({str(e).splitlines()[0]})") from None
+        sd.update(part)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def read_hf_tokenizer(folder: Path, cfg: ModelConfig) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise SlimswarmError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+    return HFTokenizer(tok, cfg.eos_token_id)
+
+
+def download_hub(repo_id: str) -> Path:
+    """Fetch a hub model (config, weights, tokenizer) when the machine is online."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+            )
+        )
+    except Exception as e:
+        raise SlimswarmError(f"model {repo_id!r}: not a local path and not downloadable from the hub ({type(e).__name__})") from None

