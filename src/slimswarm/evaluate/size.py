@@ -1,0 +1,42 @@
+"""Bytes of a model's weights in memory and of a checkpoint on disk; bytes read per decoded token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _unique_tensors(model: torch.nn.Module):
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        yield t
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's persistent weights (tied tensors counted once; KV cache and RoPE tables excluded)."""
+    skip = {id(b) for m in model.modules() for n, b in m.named_buffers(recurse=False)
+            if n in m._non_persistent_buffers_set}
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model) if id(t) not in skip)
+
+
+def decode_bytes_per_token(model) -> int:
+    """Weight bytes one batch-1 decode step reads: all weights except the embedding table, plus one of its rows.
+
+    With tied embeddings the table is read once in full by the LM head, so it counts once."""
+    total = weight_bytes(model)
+    emb = model.model.embed_tokens.weight
+    if not model.config.tie_word_embeddings:
+        total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+    return total
+
+
+def disk_bytes(path: str | Path) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size

@@ -1,0 +1,80 @@
+"""Speed against the limit: this machine's read bandwidth, prefill and decode tokens/s, peak RSS."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import torch
+
+from ..models.generate import generate_ids
+from ..models.sampling import SamplingParams
+from .size import decode_bytes_per_token
+
+
+def measure_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: sum over a buffer much larger than the caches, written first so pages exist."""
+    buf = torch.empty(mb * 1024 * 1024 // 4, dtype=torch.float32)
+    buf.fill_(1.0)
+    buf.sum()  # warm
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+@torch.inference_mode()
+def prefill_tokens_per_s(model, n_tokens: int = 512, repeats: int = 3) -> float:
+    n_tokens = min(n_tokens, model.config.max_position_embeddings)
+    ids = torch.tensor([_prompt(model.config.vocab_size, n_tokens)], device=model.lm_head.weight.device)
+    model.setup_cache(1, n_tokens)
+    model(ids[:, :16], 0, last_only=True)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(ids, 0, last_only=True)
+        times.append(time.perf_counter() - t)
+    return n_tokens / statistics.median(times)
+
+
+def decode_tokens_per_s(model, batch: int = 1, new_tokens: int = 64, prompt_len: int = 32, repeats: int = 2) -> float:
+    """Generated tokens per second of decode (after prefill), all rows counted; EOS ignored."""
+    prompts = [_prompt(model.config.vocab_size, prompt_len, seed=i) for i in range(batch)]
+    params = SamplingParams(max_tokens=new_tokens)
+    generate_ids(model, prompts, SamplingParams(max_tokens=4))  # warm-up, allocates the cache
+    rates = []
+    for _ in range(repeats):
+        c = generate_ids(model, prompts, params)[0]
+        rates.append(batch * c.timings["decode_steps"] / c.timings["decode_s"])
+    return statistics.median(rates)
+
+
+def speed_report(model, bandwidth_gb_s: float | None = None, new_tokens: int = 64) -> dict:
+    bw = bandwidth_gb_s or measure_bandwidth()
+    per_tok = decode_bytes_per_token(model)
+    bound = bw * 1e9 / per_tok
+    d1 = decode_tokens_per_s(model, 1, new_tokens)
+    d8 = decode_tokens_per_s(model, 8, new_tokens)
+    return {
+        "prefill_tokens_per_s": prefill_tokens_per_s(model),
+        "decode_tokens_per_s": d1,
+        "decode_tokens_per_s_batch8": d8,
+        "bandwidth_gb_s": bw,
+        "bytes_per_token": per_tok,
+        "roofline_tokens_per_s": bound,
+        "roofline_fraction": d1 / bound,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "threads": torch.get_num_threads(),
+    }

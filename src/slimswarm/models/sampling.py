@@ -1,0 +1,49 @@
+"""Per-request sampling: greedy, temperature, top-k, top-p, seeded generators; validated parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SlimswarmError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise SlimswarmError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise SlimswarmError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SlimswarmError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SlimswarmError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token id from one row of logits [V]."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        # Drop a token once the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=gen))
