@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import SlimswarmError
 
 SUPPORTED_ARCHITECTURES = {
@@ -164,6 +165,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that sends small-batch CPU inference (decode) to our row-streaming kernel.
+
+    MKL's gemv reads weights at ~10 GB/s on our 2-core target; the kernel reaches ~30 GB/s (see
+    benchmarks/results/gemv_kernels.md). Training, large batches and other devices use ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        m = x.numel() // x.shape[-1] if x.numel() else 0
+        if (
+            0 < m <= kernels.MAX_M
+            and x.device.type == "cpu"
+            and w.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and w.is_contiguous()
+            and kernels.available()
+        ):
+            x2 = x.reshape(m, x.shape[-1]).float().contiguous()
+            b = None if self.bias is None else self.bias.float().contiguous()
+            y = kernels.linear_float(x2, w, b)
+            return y.view(*x.shape[:-1], w.shape[0]).to(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -171,6 +196,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -200,10 +227,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        self.q_proj = nn.Linear(h, q, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q, h, bias=cfg.o_bias)
+        self.q_proj = Linear(h, q, bias=cfg.qkv_bias)
+        self.k_proj = Linear(h, kv, bias=cfg.qkv_bias)
+        self.v_proj = Linear(h, kv, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q, h, bias=cfg.o_bias)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, start, mask, kv_len: int):
@@ -217,6 +244,15 @@ class Attention(nn.Module):
             self.cache.write(k, v, start)
             k, v = self.cache.k[:b, :, :kv_len], self.cache.v[:b, :, :kv_len]
         gqa = self.n_heads != self.n_kv
+        if t == 1:
+            # One query per row (decode): plain matmuls over [B, kv, group, S] beat the SDPA kernel's setup cost.
+            g = self.n_heads // self.n_kv
+            qg = q.view(b, self.n_kv, g, self.head_dim)
+            att = torch.matmul(qg, k.transpose(-1, -2)) * (self.head_dim**-0.5)
+            if mask is not None:
+                att = att.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+            y = torch.matmul(torch.softmax(att.float(), -1).to(v.dtype), v)
+            return self.o_proj(y.reshape(b, 1, -1))
         if mask is None:
             # No padding: plain causal attention (prefill from slot 0) or a single query seeing all slots.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
@@ -228,9 +264,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -264,7 +300,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
