@@ -158,6 +158,55 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    """Load, quantize with a recipe (calibrated layer by layer), write an atomic checkpoint, print the report."""
+    import time
+
+    import torch
+
+    from .compress.calibrate import calibration_batch, read_calibration
+    from .compress.quant.apply import is_quantized, quantize_model
+    from .compress.recipe import load_recipe
+    from .evaluate.size import disk_bytes, weight_bytes
+    from .models.checkpoint import file_sha256, save_checkpoint
+    from .models.load import load
+
+    recipe = load_recipe(args.recipe)  # validate before any heavy work
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimswarmError(f"--out {out}: exists and is not an empty folder")
+    calib_text = read_calibration(args.calib) if args.calib else None
+    loaded = load(args.model, dtype=getattr(torch, args.dtype))
+    if loaded.kind == "slimswarm" and is_quantized(loaded.model):
+        raise SlimswarmError(f"{args.model}: already quantized; compress its float parent instead")
+    if recipe.quantize is None:
+        raise SlimswarmError(f"recipe {recipe.name}: nothing to do (no quantize section)")
+    q = recipe.quantize
+    # Check every layer's grouping now, so an impossible setting fails before calibration.
+    from .compress.quant.apply import layer_plan
+
+    for name, mod in loaded.model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            layer_plan(name, mod, q)
+    calib = None
+    if q.method in ("gptq", "awq"):
+        c = recipe.calibration
+        calib = calibration_batch(loaded.tokenizer, calib_text, c.samples, c.seq_len,
+                                  source=args.calib or "default calibration text")
+    before = weight_bytes(loaded.model)
+    t = time.perf_counter()
+    meta = quantize_model(loaded.model, q, calib)
+    secs = time.perf_counter() - t
+    parent = {"source": loaded.source, "sha256": file_sha256(loaded.source)}
+    save_checkpoint(loaded.model, loaded.tokenizer, out,
+                    {"recipe": recipe.model_dump(), "quantization": meta, "parent": parent,
+                     "calibration": {"source": args.calib or "gsm8k+agnews+sst2 train", "tokens": 0 if calib is None else calib.numel()}})
+    row = {"recipe": recipe.name, "weight_bytes_before": before, "weight_bytes": weight_bytes(loaded.model),
+           "disk_bytes": disk_bytes(out), "seconds": round(secs, 1), "out": str(out)}
+    print(json.dumps(row) if args.json else _table(row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimswarm", description="Compress LLMs for a team of agents and run the team.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -201,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", dest="chat", action="store_false")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("compress", help="quantize with a recipe into a compressed checkpoint")
+    model_args(c)
+    c.add_argument("--recipe", required=True, help="preset (w8, w4g128-rtn, w4g128-gptq, w4g128-awq, w3g128-gptq, ...) or YAML file")
+    c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    c.add_argument("--calib", help="calibration text file (default: GSM8K/AG News/SST-2 train text)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_compress)
 
     d = sub.add_parser("demo", help="the main job on the embedded default model")
     model_args(d, default="smollm2-135m")

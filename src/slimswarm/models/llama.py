@@ -328,6 +328,12 @@ class CausalLM(nn.Module):
             layer.self_attn.cache = None
         self.cache_batch = self.cache_len = 0
 
+    def rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B,1,T,head_dim] for positions [B,T]."""
+        freqs = pos.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -355,10 +361,8 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequence needs {kv_len} cache slots, cache has {self.cache_len}")
         slots = slots.expand(b, t) if slots.dim() == 1 else slots
         pos = slots if pad is None else (slots - pad[:, None]).clamp_min(0)
-        freqs = pos.to(torch.float32)[..., None] * self.inv_freq  # [B,T,hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B,1,T,hd]
         x = self.model.embed_tokens(tokens)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(pos, x.dtype)
 
         mask = None
         if pad is not None or per_row or (t > 1 and cached and kv_len != t):

@@ -66,6 +66,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str | Path):
         import sentencepiece as spm
 
+        self.path = Path(path)
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.bos_id = self.sp.bos_id()
         self.eos_ids = [self.sp.eos_id()]

@@ -56,6 +56,14 @@ class QuantLinear(nn.Module):
         """A de-quantized float copy (for code that reads ``.weight``); costs memory, not used by forward."""
         return self.dequantize()
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not re-round the stored fp16 scales; device moves still apply.
+        keep = self.scales
+        super()._apply(fn, recurse)
+        self.scales = keep.to(self.scales.device)
+        self._kernel_args = None
+        return self
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_args = None
         super()._load_from_state_dict(*args, **kwargs)
@@ -82,14 +90,23 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Embedding lookup over a QuantLinear's rows (tied input/output embeddings stored once, quantized)."""
+    """Embedding lookup over a QuantLinear's rows. Tied input/output embeddings (``shared``) store the table once:
+    the LM head owns it and this module only refers to it."""
 
-    def __init__(self, head: QuantLinear):
+    def __init__(self, table: QuantLinear, shared: bool):
         super().__init__()
-        self.head = [head]  # a list, so the shared buffers are not registered (or saved) twice
+        self.shared = shared
+        if shared:
+            self._ref = [table]  # a list, so the head's buffers are not registered (or saved) twice
+        else:
+            self.table = table
+
+    @property
+    def rows(self) -> QuantLinear:
+        return self._ref[0] if self.shared else self.table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.head[0]
+        h = self.rows
         flat = ids.reshape(-1)
         q = unpack(h.qweight[flat], h.bits, h.in_features).float()
         g = h.scales.shape[1]

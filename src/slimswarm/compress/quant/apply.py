@@ -1,0 +1,174 @@
+"""Quantize a model in place, decoder layer by decoder layer, so calibration holds one layer's activations at a time.
+
+Each layer sees the outputs of the already-quantized layers before it (as GPTQ does), its linears are
+replaced by ``QuantLinear`` modules, and the embeddings / LM head become int8 rows when asked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from ...errors import SlimswarmError
+from ...progress import progress
+from ..recipe import QuantizeConfig
+from .awq import awq_search
+from .gptq import gptq_quantize
+from .linear import QuantEmbedding, QuantLinear
+from .rtn import rtn_quantize
+
+
+def effective_group(in_features: int, cfg_group: int, fallback: bool, name: str) -> int:
+    if cfg_group in (0, -1):
+        return -1
+    if in_features % cfg_group == 0:
+        return cfg_group
+    if not fallback:
+        raise SlimswarmError(f"{name}: group_size {cfg_group} does not divide in_features {in_features}")
+    for g in range(cfg_group, 15, -1):
+        if in_features % g == 0 and g % 16 == 0:
+            return g
+    return -1
+
+
+def layer_plan(name: str, lin: nn.Linear, cfg: QuantizeConfig) -> tuple[int, int] | None:
+    """(bits, group_size) for one linear after overrides; None to leave it in float."""
+    bits, gs = cfg.bits, cfg.group_size
+    for o in cfg.overrides:
+        if fnmatch.fnmatch(name, o.pattern):
+            if o.skip:
+                return None
+            bits = o.bits or bits
+            gs = o.group_size if o.group_size is not None else gs
+    return bits, effective_group(lin.in_features, gs, cfg.group_fallback, name)
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+def quantize_head(model, bits: int = 8) -> dict:
+    """Embeddings and LM head as int8 rows (per-row scale); tied ones stay one table."""
+    head = model.lm_head
+    codes, s, z = rtn_quantize(head.weight.detach(), bits, -1)
+    qhead = QuantLinear.from_codes(codes, s, z, bits)
+    tied = model.config.tie_word_embeddings
+    model.lm_head = qhead
+    if tied:
+        model.model.embed_tokens = QuantEmbedding(qhead, shared=True)
+    else:
+        ec, es, ez = rtn_quantize(model.model.embed_tokens.weight.detach(), bits, -1)
+        model.model.embed_tokens = QuantEmbedding(QuantLinear.from_codes(ec, es, ez, bits), shared=False)
+    return {"bits": bits, "group_size": -1, "tied": tied}
+
+
+@torch.no_grad()
+def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None) -> dict:
+    """Quantize ``model`` in place; returns per-module metadata {name: {bits, group_size, ...}}."""
+    if is_quantized(model):
+        raise SlimswarmError("model is already quantized: quantize its float parent instead")
+    needs_calib = cfg.method in ("gptq", "awq")
+    if needs_calib and calib is None:
+        raise SlimswarmError(f"method {cfg.method} needs calibration text")
+    meta: dict[str, dict] = {}
+    model.clear_cache()
+    layers = model.model.layers
+    x = None
+    if needs_calib:
+        x = model.model.embed_tokens(calib).float()
+        n, t = calib.shape
+        cos, sin = model.rope(torch.arange(t).expand(1, t), torch.float32)
+    for li, layer in progress(list(enumerate(layers)), f"quantize ({cfg.method}, {cfg.bits}-bit)"):
+        names = {f"model.layers.{li}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        plans = {n: layer_plan(n, m, cfg) for n, m in names.items()}
+        stats: dict[str, dict] = {}
+        if needs_calib:
+            stats = _collect(layer, x, cos, sin, names)
+        if cfg.method == "awq":
+            _awq_layer(layer, li, stats, plans, cfg, meta)
+        for name, lin in names.items():
+            plan = plans[name]
+            if plan is None:
+                continue
+            bits, gs = plan
+            w = lin.weight.detach().float()
+            if cfg.method == "gptq":
+                codes, s, z = gptq_quantize(w, stats[name]["H"], bits, gs, cfg.symmetric, cfg.act_order, cfg.damp)
+            else:
+                codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric)
+            q = QuantLinear.from_codes(codes, s, z, bits, lin.bias)
+            _set(model, name, q)
+            meta.setdefault(name, {}).update(bits=bits, group_size=q.group_size)
+        if needs_calib:  # the next layer sees this layer's quantized outputs
+            x = _run_layer(layer, x, cos, sin)
+    if cfg.head_bits:
+        meta["lm_head"] = quantize_head(model, cfg.head_bits)
+    return meta
+
+
+def _run_layer(layer, x, cos, sin, chunk: int = 8):
+    outs = []
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i : i + chunk]
+        outs.append(layer(xb, cos, sin, 0, None, xb.shape[1]))
+    return torch.cat(outs)
+
+
+def _collect(layer, x, cos, sin, names: dict[str, nn.Linear], keep_tokens: int = 4096) -> dict[str, dict]:
+    """Hessians X^T X and a token sample of each linear's inputs, from one pass of the layer."""
+    stats = {n: {"H": torch.zeros(m.in_features, m.in_features), "n": 0, "x": []} for n, m in names.items()}
+    hooks = []
+    for n, m in names.items():
+        def hook(mod, inp, out, n=n):
+            a = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            st = stats[n]
+            st["H"] += a.T @ a
+            st["n"] += a.shape[0]
+            if sum(len(v) for v in st["x"]) < keep_tokens:
+                st["x"].append(a[: keep_tokens // 4])
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        _run_layer(layer, x, cos, sin)
+    finally:
+        for h in hooks:
+            h.remove()
+    for st in stats.values():
+        st["H"] *= 2.0 / max(st["n"], 1)
+        st["x"] = torch.cat(st["x"])[:keep_tokens]
+    return stats
+
+
+def _awq_layer(layer, li: int, stats, plans, cfg: QuantizeConfig, meta: dict) -> None:
+    """Search and fold scales for (q,k,v) after input_layernorm, (gate,up) after post_attention_layernorm,
+    and down_proj after up_proj. o_proj is left unscaled (its input is a mix of heads)."""
+    p = f"model.layers.{li}."
+    a, m = layer.self_attn, layer.mlp
+    groups = [
+        ([a.q_proj, a.k_proj, a.v_proj], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+         layer.input_layernorm.weight, "cols"),
+        ([m.gate_proj, m.up_proj], ["mlp.gate_proj", "mlp.up_proj"], layer.post_attention_layernorm.weight, "cols"),
+        ([m.down_proj], ["mlp.down_proj"], m.up_proj.weight, "rows"),
+    ]
+    for lins, names, prev, how in groups:
+        full = [p + n for n in names]
+        if any(plans[n] is None for n in full):
+            continue
+        bits, gs = plans[full[0]]
+        s, err, base = awq_search([lin.weight for lin in lins], stats[full[0]]["x"], bits, gs, cfg.symmetric)
+        for lin in lins:
+            lin.weight.mul_(s[None, :].to(lin.weight.dtype))
+        if how == "cols":
+            prev.div_(s.to(prev.dtype))
+        else:
+            prev.div_(s[:, None].to(prev.dtype))
+            if m.up_proj.bias is not None:
+                m.up_proj.bias.div_(s.to(m.up_proj.bias.dtype))
+        for n in full:
+            meta.setdefault(n, {})["awq_error_ratio"] = err / base if base else 1.0
