@@ -23,7 +23,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install -q --no-deps torchao==0.18.0
+	$(BIN)/python benchmarks/gemv_kernels.py
 	$(BIN)/python benchmarks/decode_smollm2.py
+	$(BIN)/python benchmarks/quant_smollm2.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -177,6 +177,7 @@ class Linear(nn.Linear):
         if (
             0 < m <= kernels.MAX_M
             and x.device.type == "cpu"
+            and type(w) in (torch.Tensor, nn.Parameter)  # not a tensor subclass (torchao, DTensor)
             and w.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             and w.is_contiguous()
