@@ -49,9 +49,12 @@ def test_quantlinear_equals_dequantized_reference(bits, gs, m, dtype):
     ql = QuantLinear.from_codes(*rtn_quantize(w, bits, gs), bits, b)
     x = torch.randn(m, 192, generator=g).to(dtype)
     ref = F.linear(x.float(), ql.dequantize(), b)
-    # fp32 kernels: summation order only (1e-4); bf16 inputs/outputs: bf16 rounding of the result (1e-2 relative).
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(ql(x).float(), ref, rtol=tol, atol=tol)
+    # fp32: summation order only. bf16: activations, weights and products rounded to 8 mantissa bits, so the
+    # error is measured against the output's scale (1% of its largest value).
+    if dtype == torch.float32:  # our C kernel or fp32 de-quantization: summation order only
+        torch.testing.assert_close(ql(x), ref, rtol=1e-4, atol=1e-4)
+    else:  # bf16 paths round the weight (or tinygemm's scales) to 8 mantissa bits: ~1% of the output's scale
+        assert (ql(x).float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
 def test_rtn_error_shrinks_with_bits_and_smaller_groups():
@@ -141,8 +144,9 @@ def test_checkpoint_reloads_bit_exactly_and_is_small(tmp_path, stories):
                      if isinstance(mod, torch.nn.Linear) and mod is not stories.model.lm_head)
     groups = sum(mod.scales.numel() for mod in r.model.modules() if isinstance(mod, QuantLinear))
     expected = lin_params // 2 + 3 * groups + 512 * 64 + 64 * 5 * 2 * 4 + 64 * 4  # + norms (fp32)
-    on_disk = (out / "model.safetensors").stat().st_size
-    assert expected <= on_disk <= expected + 8_000  # safetensors header
+    st = out / "model.safetensors"
+    header = 8 + int.from_bytes(st.read_bytes()[:8], "little")  # safetensors: u64 length + JSON header
+    assert st.stat().st_size == expected + header
     assert not list(tmp_path.glob(".ck.tmp-*"))
 
 

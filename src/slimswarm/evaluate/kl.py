@@ -20,11 +20,11 @@ def kl_divergence(reference, candidate, tokenizer, text: str, window: int = 512,
     reference.clear_cache()
     candidate.clear_cache()
     total, agree, count = 0.0, 0, 0
-    dev = reference.lm_head.weight.device
+    dev = reference.device
     for i in progress(range(0, len(seqs), batch_size), "KL", total=math.ceil(len(seqs) / batch_size)):
         batch = torch.tensor(seqs[i : i + batch_size], device=dev)
         p = F.log_softmax(reference(batch).float(), -1)
-        q = F.log_softmax(candidate(batch.to(candidate.lm_head.weight.device)).float().to(dev), -1)
+        q = F.log_softmax(candidate(batch.to(candidate.device)).float().to(dev), -1)
         total += F.kl_div(q, p, log_target=True, reduction="sum").item()
         agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
         count += batch.numel()

@@ -40,7 +40,7 @@ def sequence_nll(model, seqs: list[list[int]], batch_size: int = 4, desc: str = 
     """Summed next-token NLL over equal-length sequences (each predicts tokens 1..T-1), and the count."""
     model.clear_cache()
     total, count = 0.0, 0
-    dev = model.lm_head.weight.device
+    dev = model.device
     for i in progress(range(0, len(seqs), batch_size), desc, total=math.ceil(len(seqs) / batch_size)):
         batch = torch.tensor(seqs[i : i + batch_size], device=dev)
         logits = model(batch)[:, :-1].float()

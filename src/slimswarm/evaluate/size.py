@@ -29,9 +29,9 @@ def decode_bytes_per_token(model) -> int:
 
     With tied embeddings the table is read once in full by the LM head, so it counts once."""
     total = weight_bytes(model)
-    emb = model.model.embed_tokens.weight
     if not model.config.tie_word_embeddings:
-        total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+        table = sum(t.numel() * t.element_size() for t in model.model.embed_tokens.state_dict().values())
+        total -= table - table // model.config.vocab_size  # a lookup reads one row
     return total
 
 

@@ -39,7 +39,7 @@ def _prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
 @torch.inference_mode()
 def prefill_tokens_per_s(model, n_tokens: int = 512, repeats: int = 3) -> float:
     n_tokens = min(n_tokens, model.config.max_position_embeddings)
-    ids = torch.tensor([_prompt(model.config.vocab_size, n_tokens)], device=model.lm_head.weight.device)
+    ids = torch.tensor([_prompt(model.config.vocab_size, n_tokens)], device=model.device)
     model.setup_cache(1, n_tokens)
     model(ids[:, :16], 0, last_only=True)
     times = []

@@ -40,7 +40,7 @@ def generate_ids(
     plist = params if isinstance(params, list) else [params] * b
     lens = [len(p) for p in prompts]
     longest, budget = max(lens), max(p.max_tokens for p in plist)
-    dev = model.lm_head.weight.device
+    dev = model.device
     model.setup_cache(b, longest + budget)
     tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):

@@ -308,11 +308,19 @@ class CausalLM(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: that of the float weights (norms), whatever the linears are stored as."""
+        return self.model.norm.weight.dtype
+
     # -- cache ---------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache for ``batch`` rows of ``max_len`` slots (reused when it already fits)."""
-        p = self.model.embed_tokens.weight
-        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        dtype = dtype or self.dtype
         if batch <= self.cache_batch and max_len <= self.cache_len:
             first = self.model.layers[0].self_attn.cache
             if first is not None and first.k.dtype == dtype:
@@ -321,7 +329,7 @@ class CausalLM(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             for layer in self.model.layers:
                 a = layer.self_attn
-                a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, dtype, p.device)
+                a.cache = KVCache(batch, a.n_kv, max_len, a.head_dim, dtype, self.device)
         self.cache_batch, self.cache_len = batch, max_len
 
     def clear_cache(self) -> None:

@@ -1,46 +1,116 @@
-"""QuantLinear: packed integer weights + fp16 scales + uint8 zero points, run by a dequantize-in-kernel path.
+"""QuantLinear: packed integer weights + fp16 scales + uint8 zero points, with a per-call choice of CPU kernel.
 
-Stored state (the safetensors checkpoint): ``qweight`` uint8 [out, packed_len(in, bits)], ``scales`` fp16
-[out, G], ``zeros`` uint8 [out, G], optional ``bias``. w = (q - z) * s for each group of ``group_size``
-input columns. At run time, batches of up to 8 rows (decode) go to our C kernel, which reads the packed
-codes once and never materialises a float weight (int4, int8). Other shapes (prefill, 2/3 bits, no
-compiler) de-quantize to a temporary float weight and call ``F.linear``: correct, but not faster than
-float, and the report says so.
+Stored state (the persistent state dict, what safetensors saves): ``qweight`` uint8 [out, packed_len(in, bits)]
+(row-major, codes packed along the input dimension, see ``packing``), ``scales`` fp16 [out, G], ``zeros`` uint8
+[out, G], optional ``bias``. ``w = (q - z) * s`` for each group of ``group_size`` input columns (per-channel:
+one group per row). Symmetric quantization is the special case ``z = 2^(b-1)``.
+
+Why fp16 scales: half the bytes of fp32 (at group 32 that is 0.5 instead of 1 extra bit a weight), the usual
+GPTQ/AWQ/GGUF storage, and the product ``(q - z) * s`` of a <= 9-bit integer and an 11-bit-mantissa scale is
+exact in fp32, so ``dequantize()`` is exact and every fp32 kernel below starts from the exact weight.
+Why uint8 integer zero points: they are what min-max and GPTQ produce, they are exact (a float zero point would
+be rounded), and one byte per group is cheap.
+
+Kernels (``forward`` picks with ``kernel_for``; every one is tested against ``F.linear(x, dequantize(), bias)``):
+
+* ``"c"``        our C kernel (``slimswarm.kernels``), batches of <= 8 rows, 4 and 8 bits (2 and 3 bits through a
+                 4-bit copy, see below): reads the packed codes once, dequantizes in registers, accumulates in
+                 fp32. x is used in fp32 (bf16 input is widened exactly), so it is exact up to fp32 rounding.
+* ``"tinygemm"`` ``torch._weight_int4pack_mm_for_cpu`` on bf16 input, 2/3/4 bits: w = (q - 8) * s + zf with
+                 zf = (8 - z) * s; the kernel wants bf16 scales and zf, so scales are rounded fp16 -> bf16
+                 (relative 2^-9, the same size as rounding the weight itself to bf16). Used when the C kernel is
+                 not available; the C kernel is exact and (measured) faster on our machine.
+* ``"dequant"``  de-quantize to a temporary float weight (in row chunks of <= ``DEQUANT_CHUNK`` elements, so the
+                 lm_head never materializes a full float copy) and call ``F.linear``: prefill, and any case the
+                 kernels above do not cover. Exact (the same weight the reference uses, in the input dtype).
+* ``"fbgemm"``   opt-in only (``act_quant=True``): fbgemm int8 dynamic quantization. It quantizes the
+                 *activations* to uint8 per call, so it is a different model, not a free speedup; per-channel only.
+
+2 and 3 bits: the fast kernels need 4-bit codes, so ``prepare`` keeps a non-persistent 4-bit copy of the codes
+(0.5 byte a weight in RAM on top of the 0.25/0.375 stored). Set ``low_memory=True`` to refuse that copy and
+de-quantize per call instead (exact, much slower at decode). Caches are never saved and are rebuilt after
+``load_state_dict`` / ``.to()``.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ... import kernels
-from .packing import pack, packed_len, unpack
+from .packing import pack, pack_int4, packed_len, unpack
 from .rtn import check_grouping, dequantize
+
+KERNELS = ("c", "tinygemm", "dequant", "fbgemm")
+DEQUANT_CHUNK = 1 << 22  # elements of float weight the "dequant" path hands to one F.linear call
+DEQUANT_PIECE = 1 << 20  # elements de-quantized per torch op (caps the fp32 temporary at 4 MB)
+_TINY_GROUPS = (256, 128, 64, 32)  # group sizes torch._weight_int4pack_mm_for_cpu accepts
+
+
+def _tiny_group(group_size: int) -> int | None:
+    """A group size the int4pack kernel accepts that divides ours (scales are repeated to fill it)."""
+    return next((g for g in _TINY_GROUPS if group_size % g == 0), None)
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-                 device=None):
+                 device=None, *, act_quant: bool = False, low_memory: bool = False):
         super().__init__()
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = check_grouping(in_features, group_size)
+        self._cache: dict = {}  # kernel-specific copies and dispatch choices, built lazily, never in the state dict
+        self._act_quant, self._low_memory = act_quant, low_memory
         g = in_features // self.group_size
         self.register_buffer("qweight", torch.zeros(out_features, packed_len(in_features, bits), dtype=torch.uint8,
                                                     device=device))
         self.register_buffer("scales", torch.ones(out_features, g, dtype=torch.float16, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, g, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-        self._kernel_args: tuple | None = None  # fp32 scales/zeros for the C kernel, built on first use
 
+    @property
+    def act_quant(self) -> bool:
+        """Opt-in: fbgemm dynamic int8 (quantizes activations; a different model). Per-channel weights only."""
+        return self._act_quant
+
+    @act_quant.setter
+    def act_quant(self, v: bool) -> None:
+        self._act_quant, self._cache = bool(v), {}
+
+    @property
+    def low_memory(self) -> bool:
+        """2/3 bits: never keep a 4-bit copy of the codes (de-quantize per call instead)."""
+        return self._low_memory
+
+    @low_memory.setter
+    def low_memory(self, v: bool) -> None:
+        self._low_memory, self._cache = bool(v), {}
+
+    # ------------------------------------------------------------------ construction and stored form
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                   bias: torch.Tensor | None = None) -> "QuantLinear":
+                   group_size: int | None = None, bias: torch.Tensor | None = None, **kw) -> "QuantLinear":
+        """codes int [out, in] in [0, 2^bits - 1], scales [out, G], zeros [out, G] (integers in the code range).
+
+        ``group_size`` None means ``in // G``. (A tensor in its place is taken as ``bias``, the older call form.)"""
+        if isinstance(group_size, torch.Tensor):
+            group_size, bias = None, group_size
         out, inp = codes.shape
-        m = cls(inp, out, bits, inp // scales.shape[1], bias is not None)
+        n_groups = scales.shape[1]
+        gs = inp // n_groups if group_size in (None, 0, -1) else group_size
+        if inp // gs != n_groups or scales.shape != zeros.shape or scales.shape[0] != out:
+            raise ValueError(f"codes {tuple(codes.shape)} / scales {tuple(scales.shape)} / zeros "
+                             f"{tuple(zeros.shape)} do not match group_size {group_size}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+            raise ValueError(f"codes must lie in [0, {2**bits - 1}]")
+        m = cls(inp, out, bits, gs, bias is not None, **kw)
         m.qweight = pack(codes, bits)
         m.scales = scales.to(torch.float16).contiguous()
-        m.zeros = zeros.to(torch.uint8).contiguous()
+        m.zeros = torch.as_tensor(zeros).round().to(torch.uint8).contiguous()
         if bias is not None:
             m.bias.data = bias.detach().float().clone()
         return m
@@ -49,6 +119,7 @@ class QuantLinear(nn.Module):
         return unpack(self.qweight, self.bits, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The exact float weight [out, in] (exact in fp32; ``dtype`` rounds it once)."""
         return dequantize(self.codes(), self.scales, self.zeros).to(dtype)
 
     @property
@@ -61,32 +132,151 @@ class QuantLinear(nn.Module):
         keep = self.scales
         super()._apply(fn, recurse)
         self.scales = keep.to(self.scales.device)
-        self._kernel_args = None
+        self._cache = {}
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_args = None
+        self._cache = {}
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _kernel_ok(self, x: torch.Tensor, m: int) -> bool:
-        return (0 < m <= kernels.MAX_M and self.bits in (4, 8) and self.group_size % 16 == 0
-                and x.device.type == "cpu" and kernels.available())
+    # ------------------------------------------------------------------ kernel-specific copies
+    def _fp32_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 scales, zero points and -z*s [out, G] (small: G floats a row)."""
+        if "fp32" not in self._cache:
+            s = self.scales.float().contiguous()
+            z = self.zeros.float().contiguous()
+            self._cache["fp32"] = (s, z, (-z * s).contiguous())
+        return self._cache["fp32"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.numel() // x.shape[-1] if x.numel() else 0
-        if self._kernel_ok(x, m):
-            if self._kernel_args is None:
-                s = self.scales.float().contiguous()
-                self._kernel_args = (s, self.zeros.float().contiguous(),
-                                     None if self.bias is None else self.bias.float().contiguous())
-            s, z, b = self._kernel_args
-            y = kernels.linear_quant(x.reshape(m, -1).float().contiguous(), self.qweight, s, z, self.bits,
-                                     self.group_size, b)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    def _codes4(self) -> torch.Tensor:
+        """Codes packed 4 bits each (the stored ones at 4 bits; a cached copy for 2/3 bits)."""
+        if self.bits == 4:
+            return self.qweight
+        if "codes4" not in self._cache:
+            self._cache["codes4"] = pack_int4(self.codes())
+        return self._cache["codes4"]
+
+    def _tiny(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if "tiny" not in self._cache:
+            g = _tiny_group(self.group_size)
+            codes = unpack(self._codes4(), 4, self.in_features).to(torch.int32)
+            w = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+            s, z, _ = self._fp32_params()
+            zf = (8.0 - z) * s  # exact in fp32; rounded once to bf16 below
+            rep = self.group_size // g
+            sz = torch.stack((s, zf), -1).repeat_interleave(rep, dim=1)  # [out, in/g, 2]
+            self._cache["tiny"] = (w, sz.transpose(0, 1).contiguous().to(torch.bfloat16), g)
+        return self._cache["tiny"]
+
+    def _fbgemm(self):
+        if "fbgemm" not in self._cache:
+            q = (self.codes().to(torch.int16) - 128).to(torch.int8)
+            s = self.scales.double().view(-1)
+            z = self.zeros.long().view(-1) - 128
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                wq = torch._make_per_channel_quantized_tensor(q, s, z, 0)
+            b = None if self.bias is None else self.bias.detach().float()
+            self._cache["fbgemm"] = torch.ops.quantized.linear_prepack(wq, b)
+        return self._cache["fbgemm"]
+
+    def prepare(self) -> "QuantLinear":
+        """Build the caches the decode kernels will use now, instead of on the first call."""
+        for dtype in (torch.float32, torch.bfloat16):
+            k = self.kernel_for(1, dtype)
+            if k == "c":
+                self._fp32_params()
+                self._codes4() if self.bits != 8 else None
+            elif k == "tinygemm":
+                self._tiny()
+            elif k == "fbgemm":
+                self._fbgemm()
+        return self
+
+    # ------------------------------------------------------------------ dispatch
+    def supports(self, kernel: str, m: int, dtype: torch.dtype) -> bool:
+        cpu = self.qweight.device.type == "cpu"
+        if kernel == "dequant":
+            return True
+        if kernel == "c":
+            return (cpu and 0 < m <= kernels.MAX_M and self.group_size % 16 == 0 and self.in_features % 2 == 0
+                    and (self.bits == 8 or self.bits == 4 or not self.low_memory) and kernels.available())
+        if kernel == "tinygemm":
+            return (cpu and m > 0 and dtype == torch.bfloat16 and self.bits in (2, 3, 4)
+                    and (self.bits == 4 or not self.low_memory) and _tiny_group(self.group_size) is not None
+                    and self.out_features % 16 == 0)
+        if kernel == "fbgemm":
+            return (cpu and m > 0 and self.group_size == self.in_features
+                    and "fbgemm" in torch.backends.quantized.supported_engines)
+        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+
+    def kernel_for(self, m: int, dtype: torch.dtype) -> str:
+        """The path ``forward`` takes for ``m`` rows of ``dtype`` (see the module docstring for why)."""
+        if self.act_quant and self.supports("fbgemm", m, dtype):
+            return "fbgemm"
+        if 0 < m <= kernels.MAX_M:
+            # measured (benchmarks/quant_kernels.md): torch's int4pack kernel beats our C kernel on bf16 input
+            for k in (("tinygemm", "c") if dtype == torch.bfloat16 else ("c",)):
+                if self.supports(k, m, dtype):
+                    return k
+        return "dequant"
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Exact float rows r0:r1 of the weight in ``dtype``, built in cache-sized pieces (fp32 math, one rounding)."""
+        s, _, zs = self._fp32_params()
+        k, g = self.in_features, s.shape[1]
+        out = torch.empty(r1 - r0, k, dtype=dtype, device=self.qweight.device)
+        step = max(1, DEQUANT_PIECE // k)
+        for r in range(r0, r1, step):
+            e = min(r + step, r1)
+            q = unpack(self.qweight[r:e], self.bits, k).view(e - r, g, -1)
+            w = out[r - r0:e - r0].view(e - r, g, -1) if dtype == torch.float32 else torch.empty(q.shape)
+            w.copy_(q).mul_(s[r:e, :, None]).add_(zs[r:e, :, None])  # q*s, -z*s exact in fp32, so is the sum
+            if dtype != torch.float32:
+                out[r - r0:e - r0].copy_(w.view(e - r, k))
+        return out
+
+    def forward(self, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if kernel is None:
+            key = (min(m, kernels.MAX_M + 1), x.dtype)  # the choice only depends on m through these buckets
+            k = self._cache.get(key)
+            if k is None:
+                k = self._cache[key] = self.kernel_for(m, x.dtype)
+        elif not self.supports(kernel, m, x.dtype):
+            raise ValueError(f"kernel {kernel!r} does not support m={m}, {x.dtype}, bits={self.bits}, "
+                             f"group_size={self.group_size} here")
+        else:
+            k = kernel
+        x2 = x.reshape(m, self.in_features)
+        if k == "c":
+            s, z, _ = self._fp32_params()
+            q, bits = (self.qweight, 8) if self.bits == 8 else (self._codes4(), 4)
+            b = None if self.bias is None else self.bias.float().contiguous()
+            y = kernels.linear_quant(x2.float().contiguous(), q, s, z, bits, self.group_size, b).to(x.dtype)
+        elif k == "tinygemm":
+            w, sz, g = self._tiny()
+            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), w, g, sz)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        elif k == "fbgemm":
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm(), True).to(x.dtype)
+        else:
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            rows = max(16, DEQUANT_CHUNK // max(1, self.in_features))
+            if rows >= self.out_features:
+                y = F.linear(x2, self._dequant_rows(0, self.out_features, x.dtype), b)
+            else:
+                parts = [F.linear(x2, self._dequant_rows(r, min(r + rows, self.out_features), x.dtype),
+                                  None if b is None else b[r:r + rows])
+                         for r in range(0, self.out_features, rows)]
+                y = torch.cat(parts, -1)
+        return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+                + (", act_quant=True" if self.act_quant else "") + (", low_memory=True" if self.low_memory else ""))
 
 
 class QuantEmbedding(nn.Module):

@@ -1,4 +1,16 @@
-"""Bit packing of integer codes along the last dimension: 8 (as is), 4 (two a byte), 3 (eight in 3 bytes), 2 (four a byte)."""
+"""Bit packing of integer codes along the last dimension: 8 (as is), 4 (two a byte), 3 (eight in 3 bytes), 2 (four a byte).
+
+Layout (little-endian within each unit, the first code in the lowest bits):
+
+* 4 bits: byte ``i`` holds codes ``2i`` (low nibble) and ``2i+1`` (high nibble).
+* 2 bits: byte ``i`` holds codes ``4i .. 4i+3`` at bit offsets 0, 2, 4, 6.
+* 3 bits: each group of 8 codes is one 24-bit little-endian word (3 bytes), code ``j`` at bit ``3j``.
+  Rows are zero-padded up to a multiple of 8 codes; ``unpack`` takes ``n`` to drop the padding.
+* 8 bits: the codes themselves (uint8).
+
+A row of ``n`` codes takes ``packed_len(n, bits)`` bytes: n*bits/8, with 3 bits rounded up to 3 bytes per 8.
+All functions are pure (no state, no in-place edits of their inputs) and work on any leading dimensions.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +19,84 @@ import torch
 BITS = (2, 3, 4, 8)
 
 
+def _check(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+
+
 def packed_len(n: int, bits: int) -> int:
     """Bytes that ``n`` codes of ``bits`` bits take in a row."""
+    _check(bits)
     if bits == 3:
         return (n + 7) // 8 * 3
     return (n * bits + 7) // 8
 
 
+def _pad_last(c: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-c.shape[-1]) % multiple
+    return torch.nn.functional.pad(c, (0, pad)) if pad else c
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., n] (values 0..15) → uint8 [..., ceil(n/2)], low nibble first (odd n is zero-padded)."""
+    c = _pad_last(codes.to(torch.uint8), 2)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // 2, 2)
+    return (c[..., 0] | (c[..., 1] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """uint8 [..., m] → uint8 codes [..., n] (default n = 2m)."""
+    p = packed.to(torch.uint8)
+    c = torch.stack((p & 0xF, p >> 4), -1).reshape(*p.shape[:-1], 2 * p.shape[-1])
+    return c if n is None or n == c.shape[-1] else c[..., :n].contiguous()
+
+
+def pack_int2(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., n] (values 0..3) → uint8 [..., ceil(n/4)], code 4i+j at bits 2j of byte i."""
+    c = _pad_last(codes.to(torch.uint8), 4)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4)
+    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
+
+
+def unpack_int2(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """uint8 [..., m] → uint8 codes [..., n] (default n = 4m)."""
+    p = packed.to(torch.uint8)
+    c = torch.stack((p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6), -1).reshape(*p.shape[:-1], 4 * p.shape[-1])
+    return c if n is None or n == c.shape[-1] else c[..., :n].contiguous()
+
+
+def pack_int3(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., n] (values 0..7) → uint8 [..., ceil(n/8)*3]: 8 codes a 24-bit little-endian word."""
+    c = _pad_last(codes.to(torch.uint8), 8)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // 8, 8).to(torch.int32)
+    shifts = torch.arange(8, dtype=torch.int32, device=c.device) * 3
+    word = (c << shifts).sum(-1)  # 24 bits; the shifted codes do not overlap, so sum == bitwise or
+    out = torch.stack((word & 0xFF, (word >> 8) & 0xFF, word >> 16), -1).to(torch.uint8)
+    return out.reshape(*c.shape[:-2], 3 * c.shape[-2])
+
+
+def unpack_int3(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """uint8 [..., 3k] → uint8 codes [..., n] (default n = 8k)."""
+    if packed.shape[-1] % 3:
+        raise ValueError(f"3-bit rows are a multiple of 3 bytes, got {packed.shape[-1]}")
+    p = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3).to(torch.int32)
+    word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
+    shifts = torch.arange(8, dtype=torch.int32, device=p.device) * 3
+    c = ((word[..., None] >> shifts) & 7).to(torch.uint8).reshape(*packed.shape[:-1], 8 * word.shape[-1])
+    return c if n is None or n == c.shape[-1] else c[..., :n].contiguous()
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., n] with values < 2**bits → uint8 [..., packed_len(n, bits)], low bits first."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    c = codes.to(torch.uint8)
+    _check(bits)
     if bits == 8:
-        return c.contiguous()
-    per = {2: 4, 4: 2, 3: 8}[bits]
-    n = c.shape[-1]
-    pad = (-n) % per
-    if pad:
-        c = torch.nn.functional.pad(c, (0, pad))
-    c = c.view(*c.shape[:-1], -1, per).to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32, device=c.device) * bits
-    word = (c << shifts).sum(-1)  # per codes in one integer (8, 16 or 24 bits)
-    nbytes = per * bits // 8
-    out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(nbytes)], -1).to(torch.uint8)
-    return out.reshape(*c.shape[:-2], -1)
+        return codes.to(torch.uint8).contiguous()
+    return {2: pack_int2, 3: pack_int3, 4: pack_int4}[bits](codes)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack``: uint8 [..., packed_len(n, bits)] → uint8 codes [..., n]."""
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    _check(bits)
     if bits == 8:
         return packed[..., :n]
-    per = {2: 4, 4: 2, 3: 8}[bits]
-    nbytes = per * bits // 8
-    p = packed.view(*packed.shape[:-1], -1, nbytes).to(torch.int32)
-    word = sum(p[..., i] << (8 * i) for i in range(nbytes))
-    shifts = torch.arange(per, dtype=torch.int32, device=p.device) * bits
-    codes = (word[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    return {2: unpack_int2, 3: unpack_int3, 4: unpack_int4}[bits](packed, n)
