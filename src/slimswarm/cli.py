@@ -122,38 +122,66 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: load SmolLM2, evaluate, measure speed, answer a prompt."""
+    """The main job on the embedded default: load SmolLM2, compress it with a recipe, and show both side by side
+    (perplexity, KL, bytes, speed against the bandwidth bound), then answer a prompt with the compressed model."""
     import torch
 
-    from .evaluate.report import write_report
-    from .evaluate.size import disk_bytes, weight_bytes
-    from .evaluate.speed import speed_report
+    from .compress.calibrate import calibration_batch
+    from .compress.quant.apply import quantize_model
+    from .compress.recipe import load_recipe
+    from .evaluate.kl import kl_divergence
+    from .evaluate.report import markdown_table, write_report
+    from .evaluate.size import disk_bytes
+    from .evaluate.speed import measure_bandwidth, speed_report
+    from .models.checkpoint import file_sha256, save_checkpoint
     from .models.generate import generate
     from .models.load import load
     from .models.sampling import SamplingParams
 
     text, source = _read_text(None)
-    print(f"[1/3] loading {args.model} ...", flush=True)
-    loaded = load(args.model, dtype=getattr(torch, args.dtype))
-    print(f"      {loaded.model.num_parameters():,} parameters from {loaded.source}")
-    print(f"[2/3] perplexity on {args.max_tokens:,} tokens of {Path(source).name}, speed against the bandwidth bound ...",
-          flush=True)
-    row = {"name": f"{args.model} {args.dtype}"}
-    row.update(evaluate_model(loaded, text, source, 1024, args.max_tokens))
-    row.update(speed_report(loaded.model, new_tokens=32))
-    row["disk_bytes"] = disk_bytes(loaded.source)
-    row["weight_bytes"] = weight_bytes(loaded.model)
-    paths = write_report([row], Path(args.out) / "demo", "slimswarm demo")
-    cols = ["name", "perplexity", "tokens", "weight_bytes", "disk_bytes", "prefill_tokens_per_s",
-            "decode_tokens_per_s", "decode_tokens_per_s_batch8", "bandwidth_gb_s", "roofline_fraction",
-            "peak_rss_bytes"]
-    from .evaluate.report import markdown_table
-
-    print(markdown_table([row], cols))
+    out = Path(args.out)
+    print(f"[1/4] loading {args.model} ...", flush=True)
+    base = load(args.model, dtype=getattr(torch, args.dtype))
+    print(f"      {base.model.num_parameters():,} parameters from {base.source}")
+    recipe = load_recipe(args.recipe)
+    ck = out / f"{Path(base.source).stem}-{recipe.name}"
+    if (ck / "slimswarm.json").exists():
+        print(f"[2/4] reusing the compressed checkpoint {ck}")
+    else:
+        print(f"[2/4] compressing with recipe {recipe.name} (calibration on GSM8K/AG News/SST-2 train text) ...",
+              flush=True)
+        work = load(args.model, dtype=getattr(torch, args.dtype))
+        c = recipe.calibration
+        calib = calibration_batch(work.tokenizer, None, c.samples, c.seq_len) if recipe.quantize.method != "rtn" else None
+        meta = quantize_model(work.model, recipe.quantize, calib)
+        save_checkpoint(work.model, work.tokenizer, ck, {"recipe": recipe.model_dump(), "quantization": meta,
+                                                         "parent": {"source": work.source,
+                                                                    "sha256": file_sha256(work.source)}}, overwrite=True)
+        del work
+    small = load(ck)
+    print(f"[3/4] perplexity on {args.max_tokens:,} tokens of {Path(source).name}, KL, speed ...", flush=True)
+    bw = measure_bandwidth()
+    rows = []
+    for name, m, path in ((f"{args.model} {args.dtype}", base, base.source), (f"{recipe.name}", small, ck)):
+        row = {"name": name}
+        row.update(evaluate_model(m, text, source, 1024, args.max_tokens))
+        if m is small:
+            row.update(kl=kl_divergence(base.model, small.model, base.tokenizer, text, 512, 4096)["kl"])
+        row.update(speed_report(m.model, bandwidth_gb_s=bw, new_tokens=32))
+        row["disk_bytes"] = disk_bytes(path)
+        rows.append(row)
+    cols = ["name", "perplexity", "kl", "tokens", "weight_bytes", "disk_bytes", "prefill_tokens_per_s",
+            "decode_tokens_per_s", "decode_tokens_per_s_batch8", "roofline_fraction", "peak_rss_bytes"]
+    print(markdown_table(rows, cols))
+    a, b = rows
+    print(f"      {b['name']}: {a['weight_bytes'] / b['weight_bytes']:.1f}x fewer weight bytes, decode "
+          f"{b['decode_tokens_per_s'] / a['decode_tokens_per_s']:.2f}x at batch 1, perplexity "
+          f"{100 * (b['perplexity'] / a['perplexity'] - 1):+.1f}%  (bandwidth {bw:.1f} GB/s)")
+    paths = write_report(rows, out / "demo", "slimswarm demo")
     print(f"      report: {', '.join(str(p) for p in paths.values())}")
-    print("[3/3] generate (chat template, greedy):", flush=True)
+    print("[4/4] generate with the compressed model (chat template, greedy):", flush=True)
     prompt = "In two sentences, why do teams of AI agents need small models?"
-    c = generate(loaded.model, loaded.tokenizer, [prompt], SamplingParams(max_tokens=64), chat=True)[0]
+    c = generate(small.model, small.tokenizer, [prompt], SamplingParams(max_tokens=64), chat=True)[0]
     print(f"  user: {prompt}\n  assistant: {c.text.strip()}")
     return 0
 
@@ -262,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded default model")
     model_args(d, default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=8192)
+    d.add_argument("--recipe", default="w4g128-gptq")
     d.add_argument("--out", default="out")
     d.set_defaults(fn=cmd_demo)
     return p

@@ -71,19 +71,33 @@ void ss_linear_float(const float *x, const void *w, const float *bias, float *y,
 /* Quantized rows: w = (q - zero[g]) * scale[g] for each group g of `gs` input columns.
  * bits 8: one code a byte. bits 4: two codes a byte, low nibble = even column.
  * Needs K % gs == 0 and gs % 16 == 0. Computes sum_g scale*(q.x - zero*sum(x)) so that
- * the zero point costs one scalar per group, not one op per weight. */
+ * the zero point costs one scalar per group, not one op per weight.
+ * x is re-laid per group as [even columns | odd columns] so that a byte's two nibbles meet
+ * their inputs with plain vector loads. M == 1 (decode) has its own loop with four independent
+ * accumulator chains; M > 1 unpacks each code block once and reuses it for every row of x. */
+
+static inline void group_codes4(const uint8_t *qg, int64_t i, __m256 *lo0, __m256 *hi0, __m256 *lo1, __m256 *hi1) {
+    const __m256i low4 = _mm256_set1_epi32(0xF);
+    __m128i b = _mm_loadu_si128((const __m128i *)(qg + i)); /* 16 bytes = 32 codes */
+    __m256i v0 = _mm256_cvtepu8_epi32(b);
+    __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+    *lo0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low4));
+    *hi0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+    *lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low4));
+    *hi1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+}
+
 void ss_linear_quant(const float *x, const uint8_t *q, const float *scale, const float *zero,
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs,
                      int bits, int nth) {
     const int64_t G = K / gs;
-    /* even/odd split of x for int4 (codes of one byte hit x[2i] and x[2i+1]) and group sums */
-    float *xe = (float *)aligned_alloc(64, sizeof(float) * (M * K + 64));
+    float *xe = (float *)aligned_alloc(64, sizeof(float) * ((M * K + 15) / 16 * 16 + 16));
     float *xs = (float *)malloc(sizeof(float) * M * G);
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float *dst = xe + m * K;
         if (bits == 4) {
-            for (int64_t g = 0; g < G; g++) /* per group: gs/2 even values, then gs/2 odd values */
+            for (int64_t g = 0; g < G; g++)
                 for (int64_t i = 0; i < gs / 2; i++) {
                     dst[g * gs + i] = xr[g * gs + 2 * i];
                     dst[g * gs + gs / 2 + i] = xr[g * gs + 2 * i + 1];
@@ -97,6 +111,42 @@ void ss_linear_quant(const float *x, const uint8_t *q, const float *scale, const
             xs[m * G + g] = s;
         }
     }
+    const int64_t half = gs / 2;
+    if (M == 1 && bits == 4) {
+#pragma omp parallel for num_threads(nth) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *qr = q + n * (K / 2);
+            __m256 acc = _mm256_setzero_ps();
+            float corr = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const uint8_t *qg = qr + g * half;
+                const float *xg = xe + g * gs;
+                __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+                int64_t i = 0;
+                for (; i + 16 <= half; i += 16) {
+                    __m256 lo0, hi0, lo1, hi1;
+                    group_codes4(qg, i, &lo0, &hi0, &lo1, &hi1);
+                    p0 = _mm256_fmadd_ps(lo0, _mm256_loadu_ps(xg + i), p0);
+                    p1 = _mm256_fmadd_ps(hi0, _mm256_loadu_ps(xg + half + i), p1);
+                    p2 = _mm256_fmadd_ps(lo1, _mm256_loadu_ps(xg + i + 8), p2);
+                    p3 = _mm256_fmadd_ps(hi1, _mm256_loadu_ps(xg + half + i + 8), p3);
+                }
+                for (; i < half; i += 8) { /* gs % 32 == 16: one block of 8 bytes left */
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qg + i)));
+                    p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF))),
+                                         _mm256_loadu_ps(xg + i), p0);
+                    p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), _mm256_loadu_ps(xg + half + i), p1);
+                }
+                const float sc = scale[n * G + g];
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(sc), _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), acc);
+                corr += sc * zero[n * G + g] * xs[g];
+            }
+            y[n] = hsum(acc) - corr + (bias ? bias[n] : 0.f);
+        }
+        free(xe);
+        free(xs);
+        return;
+    }
     const __m256i low4 = _mm256_set1_epi32(0xF);
 #pragma omp parallel for num_threads(nth) schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -108,15 +158,15 @@ void ss_linear_quant(const float *x, const uint8_t *q, const float *scale, const
             __m256 part[MAXM];
             for (int64_t m = 0; m < M; m++) part[m] = _mm256_setzero_ps();
             if (bits == 4) {
-                const uint8_t *qg = qr + g * gs / 2;
-                for (int64_t i = 0; i < gs / 2; i += 8) {
+                const uint8_t *qg = qr + g * half;
+                for (int64_t i = 0; i < half; i += 8) {
                     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qg + i)));
                     __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low4));
                     __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
                     for (int64_t m = 0; m < M; m++) {
                         const float *xg = xe + m * K + g * gs;
                         part[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg + i), part[m]);
-                        part[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + gs / 2 + i), part[m]);
+                        part[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + half + i), part[m]);
                     }
                 }
             } else {

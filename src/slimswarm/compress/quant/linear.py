@@ -11,18 +11,23 @@ exact in fp32, so ``dequantize()`` is exact and every fp32 kernel below starts f
 Why uint8 integer zero points: they are what min-max and GPTQ produce, they are exact (a float zero point would
 be rounded), and one byte per group is cheap.
 
-Kernels (``forward`` picks with ``kernel_for``; every one is tested against ``F.linear(x, dequantize(), bias)``):
+Kernels (``forward`` picks with ``kernel_for``; every one is tested against ``F.linear(x, dequantize(), bias)``;
+timings in benchmarks/results/quant_kernels.md):
 
-* ``"c"``        our C kernel (``slimswarm.kernels``), batches of <= 8 rows, 4 and 8 bits (2 and 3 bits through a
-                 4-bit copy, see below): reads the packed codes once, dequantizes in registers, accumulates in
-                 fp32. x is used in fp32 (bf16 input is widened exactly), so it is exact up to fp32 rounding.
-* ``"tinygemm"`` ``torch._weight_int4pack_mm_for_cpu`` on bf16 input, 2/3/4 bits: w = (q - 8) * s + zf with
-                 zf = (8 - z) * s; the kernel wants bf16 scales and zf, so scales are rounded fp16 -> bf16
-                 (relative 2^-9, the same size as rounding the weight itself to bf16). Used when the C kernel is
-                 not available; the C kernel is exact and (measured) faster on our machine.
-* ``"dequant"``  de-quantize to a temporary float weight (in row chunks of <= ``DEQUANT_CHUNK`` elements, so the
-                 lm_head never materializes a full float copy) and call ``F.linear``: prefill, and any case the
-                 kernels above do not cover. Exact (the same weight the reference uses, in the input dtype).
+* ``"tinygemm"`` bf16 input, 1..8 rows, 2/3/4 bits: ``torch._weight_int4pack_mm_for_cpu`` (AVX512 in torch 2.13)
+                 on a cached copy in its tile layout. It computes w = (q - 8) * s + zf with zf = (8 - z) * s and
+                 wants both in bf16, so scales and zf are rounded to bf16 (relative 2^-9, the size of rounding
+                 the weight itself to bf16, which bf16 F.linear also does). The fastest path we measured: 12-18x
+                 fp32 F.linear on the lm_head. Needs out % 16 == 0 and a group that 32/64/128/256 divides.
+* ``"c"``        fp32 input (or bf16 where tinygemm does not apply), 1..8 rows, 4 and 8 bits (2 and 3 bits
+                 through a 4-bit copy): our C kernel (``slimswarm.kernels``) reads the packed codes once,
+                 de-quantizes in registers and accumulates in fp32 with x in fp32, so it is exact up to fp32
+                 rounding. Faster than fp32 F.linear on the lm_head (about 2x at 4 bits, 4x at 8 bits) but
+                 slower on the 576-wide layers: use bf16 activations for speed.
+* ``"dequant"``  everything else (prefill, no kernel applies): de-quantize exactly, in row chunks of
+                 <= ``DEQUANT_CHUNK`` elements written to a shared scratch buffer (the lm_head never has a full
+                 float copy), and call ``F.linear`` in the input dtype. Exact; roughly the speed of the float
+                 GEMM of that dtype plus the de-quantization (slower than bf16 F.linear, faster than fp32).
 * ``"fbgemm"``   opt-in only (``act_quant=True``): fbgemm int8 dynamic quantization. It quantizes the
                  *activations* to uint8 per call, so it is a different model, not a free speedup; per-channel only.
 
@@ -34,6 +39,7 @@ de-quantize per call instead (exact, much slower at decode). Caches are never sa
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -46,8 +52,24 @@ from .rtn import check_grouping, dequantize
 
 KERNELS = ("c", "tinygemm", "dequant", "fbgemm")
 DEQUANT_CHUNK = 1 << 22  # elements of float weight the "dequant" path hands to one F.linear call
-DEQUANT_PIECE = 1 << 20  # elements de-quantized per torch op (caps the fp32 temporary at 4 MB)
+DEQUANT_PIECE = 1 << 18  # elements de-quantized per torch op (keeps the temporaries about 1 MB)
 _TINY_GROUPS = (256, 128, 64, 32)  # group sizes torch._weight_int4pack_mm_for_cpu accepts
+
+
+_WS = threading.local()
+
+
+def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A scratch buffer shared by all QuantLinear layers of this thread (grows, never shrinks). The dequant path
+    writes its temporary weight here: fresh multi-MB allocations each call cost page faults, which on our VM
+    were sometimes slower than the matmul itself."""
+    bufs = getattr(_WS, "bufs", None)
+    if bufs is None:
+        bufs = _WS.bufs = {}
+    t = bufs.get((name, dtype))
+    if t is None or t.numel() < numel:
+        t = bufs[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return t[:numel]
 
 
 def _tiny_group(group_size: int) -> int | None:
@@ -107,10 +129,13 @@ class QuantLinear(nn.Module):
                              f"{tuple(zeros.shape)} do not match group_size {group_size}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
             raise ValueError(f"codes must lie in [0, {2**bits - 1}]")
+        zeros = torch.as_tensor(zeros)
+        if zeros.numel() and (float(zeros.min()) < 0 or float(zeros.max()) > 255):
+            raise ValueError("zero points must be integers in [0, 255] (stored as uint8)")
         m = cls(inp, out, bits, gs, bias is not None, **kw)
         m.qweight = pack(codes, bits)
         m.scales = scales.to(torch.float16).contiguous()
-        m.zeros = torch.as_tensor(zeros).round().to(torch.uint8).contiguous()
+        m.zeros = zeros.round().to(torch.uint8).contiguous()
         if bias is not None:
             m.bias.data = bias.detach().float().clone()
         return m
@@ -221,16 +246,18 @@ class QuantLinear(nn.Module):
                     return k
         return "dequant"
 
-    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """Exact float rows r0:r1 of the weight in ``dtype``, built in cache-sized pieces (fp32 math, one rounding)."""
         s, _, zs = self._fp32_params()
         k, g = self.in_features, s.shape[1]
-        out = torch.empty(r1 - r0, k, dtype=dtype, device=self.qweight.device)
+        if out is None:
+            out = torch.empty(r1 - r0, k, dtype=dtype, device=self.qweight.device)
         step = max(1, DEQUANT_PIECE // k)
+        tmp = None if dtype == torch.float32 else _workspace("piece", min(step, r1 - r0) * k, torch.float32)
         for r in range(r0, r1, step):
             e = min(r + step, r1)
             q = unpack(self.qweight[r:e], self.bits, k).view(e - r, g, -1)
-            w = out[r - r0:e - r0].view(e - r, g, -1) if dtype == torch.float32 else torch.empty(q.shape)
+            w = (out[r - r0:e - r0] if tmp is None else tmp[:(e - r) * k]).view(e - r, g, -1)
             w.copy_(q).mul_(s[r:e, :, None]).add_(zs[r:e, :, None])  # q*s, -z*s exact in fp32, so is the sum
             if dtype != torch.float32:
                 out[r - r0:e - r0].copy_(w.view(e - r, k))
@@ -264,14 +291,14 @@ class QuantLinear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._fbgemm(), True).to(x.dtype)
         else:
             b = None if self.bias is None else self.bias.to(x.dtype)
-            rows = max(16, DEQUANT_CHUNK // max(1, self.in_features))
-            if rows >= self.out_features:
-                y = F.linear(x2, self._dequant_rows(0, self.out_features, x.dtype), b)
-            else:
-                parts = [F.linear(x2, self._dequant_rows(r, min(r + rows, self.out_features), x.dtype),
-                                  None if b is None else b[r:r + rows])
-                         for r in range(0, self.out_features, rows)]
-                y = torch.cat(parts, -1)
+            rows = min(self.out_features, max(16, DEQUANT_CHUNK // max(1, self.in_features)))
+            ws = _workspace("weight", rows * self.in_features, x.dtype)
+            parts = []
+            for r in range(0, self.out_features, rows):
+                e = min(r + rows, self.out_features)
+                w = self._dequant_rows(r, e, x.dtype, ws[:(e - r) * self.in_features].view(e - r, -1))
+                parts.append(F.linear(x2, w, None if b is None else b[r:e]))
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
