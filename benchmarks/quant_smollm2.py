@@ -145,8 +145,8 @@ def main() -> None:
         "Caveat: SmolLM2-135M-Instruct ships as Q4_1 (blocks of 32) with Q8_0 embeddings; 4-bit results with blocks of 32 "
         "would be artificially lossless, so presets use groups of 128 (96 where 128 does not divide 576) and 64, int8 per channel, 3-bit.",
         "fp32 here is the de-quantized GGUF (the parent); every preset also stores the embeddings/LM head (tied) as int8 rows.",
-        "Decode: batch 1-8 run our C kernels (int4/int8 read packed codes); 3-bit has no kernel yet and de-quantizes a float "
-        "weight per call, so it saves bytes on disk but is slower than fp32 at decode.",
+        "Decode: batch 1-8 run our C kernel on the packed int4/int8 codes (fp32 activations); 3-bit weights are 3 bits on "
+        "disk but run through a 4-bit copy of their codes in memory, so their real bytes per token are the 4-bit ones (the bound shown uses the stored 3 bits).",
         "torchao rows: its configs applied to the decoder linears of the same model (embeddings/LM head stay fp32, so their "
         "bytes per token include a 113 MB fp32 table that our presets store as int8); disk bytes from torch.save.",
         "llama.cpp was not measured in this run.",

@@ -61,6 +61,11 @@ def test_rtn_error_shrinks_with_bits_and_smaller_groups():
     w = torch.randn(64, 256)
     err = lambda bits, gs: (dequantize(*rtn_quantize(w, bits, gs)) - w).pow(2).mean().item()  # noqa: E731
     assert err(8, -1) < err(4, 32) < err(4, 128) < err(3, 128) < err(2, 128)
+    # per tensor: one scale for the whole weight, coarser than per channel at the same bits
+    codes, s, z = rtn_quantize(w, 8, -1, per_tensor=True)
+    assert s.unique().numel() == 1 and z.unique().numel() == 1
+    per_tensor = (dequantize(codes, s, z) - w).pow(2).mean().item()
+    assert err(8, -1) < per_tensor < err(4, 128)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +185,7 @@ def test_compress_cli_end_to_end_and_eval_the_result(tmp_path, data_dir):
 @pytest.mark.parametrize("yaml_text,words", [
     ("quantize:\n  bitz: 4\n", ["quantize.bitz", "Extra inputs"]),
     ("quantize:\n  bits: 5\n", ["quantize.bits"]),
+    ("quantize:\n  method: gptq\n  per_tensor: true\n", ["per_tensor works with method rtn"]),
     ("quantize:\n  bits: 4\n  group_size: 48\n", ["group_size 48 does not divide"]),
     ("quantize:\n  method: gptq\n  bits: 4\n  group_size: 32\n  group_fallback: true\n", ["calibration needs"]),
 ])

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SlimswarmError
 
@@ -24,12 +24,19 @@ class QuantizeConfig(BaseModel):
     method: Literal["rtn", "gptq", "awq"] = "rtn"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128  # -1 or 0: per output channel
+    per_tensor: bool = False  # one scale for the whole weight (rtn only; group_size is then ignored)
     symmetric: bool = False
     group_fallback: bool = False  # where group_size does not divide a width, use its largest divisor <= group_size that is a multiple of 16
     act_order: bool = False
     damp: float = Field(0.01, gt=0, lt=1)
     head_bits: Literal[8] | None = 8  # embeddings + lm_head as int8 per row; null keeps them float
     overrides: list[Override] = []
+
+    @model_validator(mode="after")
+    def _per_tensor_rtn(self) -> "QuantizeConfig":
+        if self.per_tensor and self.method != "rtn":
+            raise ValueError(f"per_tensor works with method rtn, not {self.method}")
+        return self
 
     @field_validator("group_size")
     @classmethod

@@ -18,6 +18,41 @@ from .tokenizer import HFTokenizer, SentencePieceTokenizer
 
 FORMAT = "slimswarm/1"
 
+# Compressed module types a checkpoint can hold besides QuantLinear: name -> "module:Class". Each class has
+# ``checkpoint_spec() -> dict`` (JSON constructor arguments) and ``from_spec(spec)`` (an empty module of the
+# right shapes, filled by load_state_dict).
+MODULE_TYPES = {
+    "SparseLinear": "slimswarm.compress.prune.sparse:SparseLinear",
+    "LowRankLinear": "slimswarm.compress.lowrank:LowRankLinear",
+}
+
+
+def register_module(cls: type) -> type:
+    """Make a module class storable in checkpoints (see MODULE_TYPES)."""
+    MODULE_TYPES[cls.__name__] = f"{cls.__module__}:{cls.__qualname__}"
+    return cls
+
+
+def _module_class(name: str, source: Path) -> type:
+    import importlib
+
+    ref = MODULE_TYPES.get(name)
+    if ref is None:
+        raise SlimswarmError(f"{source}: unknown module type {name!r} (known: {', '.join(MODULE_TYPES)})")
+    mod, _, cls = ref.partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def module_specs(model: torch.nn.Module) -> dict[str, dict]:
+    """{name: {"type": ..., **spec}} for every storable compressed module (outermost ones only)."""
+    out: dict[str, dict] = {}
+    for name, m in model.named_modules():
+        if any(name.startswith(k + ".") for k in out):
+            continue
+        if type(m).__name__ in MODULE_TYPES and hasattr(m, "checkpoint_spec"):
+            out[name] = {"type": type(m).__name__, **m.checkpoint_spec()}
+    return out
+
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, or of a folder's weight and config files in name order."""
@@ -55,6 +90,9 @@ def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, ove
         dtypes = {str(v.dtype) for k, v in sd.items() if v.is_floating_point() and not k.endswith("scales")}
         doc = {"format": FORMAT, "config": model.config.as_dict(), "tokenizer": tok_kind,
                "dtype": "bfloat16" if dtypes == {"torch.bfloat16"} else "float32", **meta}
+        specs = module_specs(model)
+        if specs:
+            doc["modules"] = specs
         (tmp / "slimswarm.json").write_text(json.dumps(doc, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -102,6 +140,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
         ql = QuantLinear(lin.in_features, lin.out_features, info["bits"], info["group_size"], lin.bias is not None)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, ql)
+    for name, spec in doc.get("modules", {}).items():
+        spec = dict(spec)
+        cls = _module_class(spec.pop("type", None), path / "slimswarm.json")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, cls.from_spec(spec))
     if cfg.tie_word_embeddings and "lm_head" not in q:
         model.lm_head.weight = model.model.embed_tokens.weight
     missing, unexpected = model.load_state_dict(sd, strict=False)

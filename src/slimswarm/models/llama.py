@@ -49,10 +49,18 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     model_type: str = "llama"
+    # Per decoder layer sizes after structured pruning (None: every layer has the sizes above). Query heads of
+    # layer i = layer_kv_heads[i] * (num_attention_heads // num_key_value_heads).
+    layer_kv_heads: list[int] | None = None
+    layer_intermediate: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("layer_kv_heads", "layer_intermediate"):
+            v = getattr(self, name)
+            if v is not None and len(v) != self.num_hidden_layers:
+                raise SlimswarmError(f"{name} has {len(v)} entries for {self.num_hidden_layers} layers")
         if self.num_attention_heads % self.num_key_value_heads:
             raise SlimswarmError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -106,8 +114,26 @@ class ModelConfig:
         except KeyError as e:
             raise SlimswarmError(f"{source}: missing field {e.args[0]!r}") from None
 
+    def kv_heads(self, i: int) -> int:
+        return self.layer_kv_heads[i] if self.layer_kv_heads is not None else self.num_key_value_heads
+
+    def heads(self, i: int) -> int:
+        return self.kv_heads(i) * (self.num_attention_heads // self.num_key_value_heads)
+
+    def intermediate(self, i: int) -> int:
+        return self.layer_intermediate[i] if self.layer_intermediate is not None else self.intermediate_size
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same sizes (what a transformers config can express)."""
+        return all(self.kv_heads(i) == self.num_key_value_heads and self.intermediate(i) == self.intermediate_size
+                   for i in range(self.num_hidden_layers))
+
     def to_hf(self) -> dict[str, Any]:
         """A transformers-compatible config dict (used for parity checks and checkpoints)."""
+        if not self.uniform:
+            raise SlimswarmError("layers have different sizes after structured pruning: "
+                                 "transformers' Llama config cannot describe this model")
         arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.model_type]
         rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
@@ -224,10 +250,10 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, i: int = 0):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.heads(i), cfg.kv_heads(i), cfg.head_dim
+        h, q, kv = cfg.hidden_size, self.n_heads * cfg.head_dim, self.n_kv * cfg.head_dim
         self.q_proj = Linear(h, q, bias=cfg.qkv_bias)
         self.k_proj = Linear(h, kv, bias=cfg.qkv_bias)
         self.v_proj = Linear(h, kv, bias=cfg.qkv_bias)
@@ -263,34 +289,38 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, i: int = 0):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        n = cfg.intermediate(i)
+        self.gate_proj = Linear(cfg.hidden_size, n, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, n, bias=cfg.mlp_bias)
+        self.down_proj = Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, i: int = 0):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, i)
+        self.mlp = MLP(cfg, i)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, start, mask, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.self_attn.n_heads:  # structured pruning may remove every head (or channel) of a layer
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, kv_len)
+        if self.mlp.down_proj.in_features:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
 
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

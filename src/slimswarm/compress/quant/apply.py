@@ -102,10 +102,11 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
             if cfg.method == "gptq":
                 codes, s, z = gptq_quantize(w, stats[name]["H"], bits, gs, cfg.symmetric, cfg.act_order, cfg.damp)
             else:
-                codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric)
+                codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric, per_tensor=cfg.per_tensor)
             q = QuantLinear.from_codes(codes, s, z, bits, lin.bias)
             _set(model, name, q)
-            meta.setdefault(name, {}).update(bits=bits, group_size=q.group_size)
+            meta.setdefault(name, {}).update(bits=bits, group_size=q.group_size,
+                                             **({"per_tensor": True} if cfg.per_tensor else {}))
         if needs_calib:  # the next layer sees this layer's quantized outputs
             x = _run_layer(layer, x, cos, sin)
     if cfg.head_bits:

@@ -66,9 +66,13 @@ def _workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     bufs = getattr(_WS, "bufs", None)
     if bufs is None:
         bufs = _WS.bufs = {}
+    if torch.is_grad_enabled():
+        # autograd may keep this tensor for backward (QLoRA-style training on a quantized base): never reuse it
+        return torch.empty(numel, dtype=dtype)
     t = bufs.get((name, dtype))
     if t is None or t.numel() < numel:
-        t = bufs[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            t = bufs[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return t[:numel]
 
 

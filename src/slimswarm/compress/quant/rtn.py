@@ -40,15 +40,20 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                 scale_dtype: torch.dtype = torch.float16):
+                 scale_dtype: torch.dtype = torch.float16, per_tensor: bool = False):
     """Weight [out, in] → (codes uint8 [out, in], scales [out, G], zeros uint8 [out, G]).
 
     Scales are rounded to ``scale_dtype`` before the codes are computed, so the stored (fp16) scales
-    are exactly the ones the codes were made for."""
+    are exactly the ones the codes were made for. ``per_tensor``: one scale and zero point for the whole
+    weight (stored repeated per row, so every kernel runs it; the overhead is 3 bytes a row)."""
     out, inp = w.shape
-    gs = check_grouping(inp, group_size)
+    gs = inp if per_tensor else check_grouping(inp, group_size)
     wg = w.reshape(-1, gs)
-    scale, zero = minmax_params(wg, bits, symmetric)
+    if per_tensor:
+        scale, zero = minmax_params(w.reshape(1, -1), bits, symmetric)
+        scale, zero = scale.expand(out), zero.expand(out)
+    else:
+        scale, zero = minmax_params(wg, bits, symmetric)
     scale = scale.to(scale_dtype).float()
     codes = quantize_codes(wg, scale, zero, bits)
     return (codes.to(torch.uint8).reshape(out, inp), scale.view(out, -1).to(scale_dtype),
