@@ -237,13 +237,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
-        t = k.shape[2]
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, row0: int = 0) -> None:
+        """Write k, v [B, kv, T, hd] into cache rows row0..row0+B-1 at slots start..start+T-1."""
+        b, t = k.shape[0], k.shape[2]
         if isinstance(start, int):
-            self.k[: k.shape[0], :, start : start + t] = k
-            self.v[: k.shape[0], :, start : start + t] = v
+            self.k[row0 : row0 + b, :, start : start + t] = k
+            self.v[row0 : row0 + b, :, start : start + t] = v
         else:  # per-row slots: rows of a continuous batch sit at different positions
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            rows = row0 + torch.arange(b, device=k.device)[:, None]
             slots = start[:, None] + torch.arange(t, device=k.device)
             self.k[rows, :, slots] = k.transpose(1, 2)
             self.v[rows, :, slots] = v.transpose(1, 2)
@@ -260,7 +261,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(q, h, bias=cfg.o_bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start, mask, kv_len: int):
+    def forward(self, x, cos, sin, start, mask, kv_len: int, row0: int = 0):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -268,8 +269,8 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.cache is not None:
-            self.cache.write(k, v, start)
-            k, v = self.cache.k[:b, :, :kv_len], self.cache.v[:b, :, :kv_len]
+            self.cache.write(k, v, start, row0)
+            k, v = self.cache.k[row0 : row0 + b, :, :kv_len], self.cache.v[row0 : row0 + b, :, :kv_len]
         gqa = self.n_heads != self.n_kv
         if t == 1:
             # One query per row (decode): plain matmuls over [B, kv, group, S] beat the SDPA kernel's setup cost.
@@ -308,9 +309,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, start, mask, kv_len):
+    def forward(self, x, cos, sin, start, mask, kv_len, row0: int = 0):
         if self.self_attn.n_heads:  # structured pruning may remove every head (or channel) of a layer
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, kv_len)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, kv_len, row0)
         if self.mlp.down_proj.in_features:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x
@@ -381,12 +382,14 @@ class CausalLM(nn.Module):
         pad: torch.Tensor | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
+        row0: int = 0,
     ) -> torch.Tensor:
         """Logits for ``tokens`` [B, T] written at cache slots ``start..start+T-1``.
 
         ``pad`` [B]: leading padded slots per row (left padding). Without a cache (``setup_cache``
         not called) this is a plain full-sequence forward. ``last_only`` computes the logits of the
-        last position only, which is what generation needs.
+        last position only, which is what generation needs. ``row0``: the batch occupies cache rows
+        row0..row0+B-1 (the engine prefills one new sequence into a free row this way).
         """
         b, t = tokens.shape
         dev = tokens.device
@@ -398,6 +401,8 @@ class CausalLM(nn.Module):
         kv_len = (int(start.max()) if per_row else start) + t
         if cached and kv_len > self.cache_len:
             raise ValueError(f"sequence needs {kv_len} cache slots, cache has {self.cache_len}")
+        if cached and row0 + b > self.cache_batch:
+            raise ValueError(f"rows {row0}..{row0 + b - 1} outside the cache's {self.cache_batch} rows")
         slots = slots.expand(b, t) if slots.dim() == 1 else slots
         pos = slots if pad is None else (slots - pad[:, None]).clamp_min(0)
         x = self.model.embed_tokens(tokens)
@@ -414,7 +419,7 @@ class CausalLM(nn.Module):
                 mask = mask | (j[None, None, :] == slots[:, :, None])
             mask = mask[:, None]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start, mask, kv_len)
+            x = layer(x, cos, sin, start, mask, kv_len, row0)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

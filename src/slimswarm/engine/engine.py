@@ -1,0 +1,351 @@
+"""The engine: one queue for every agent's requests, one forward per step over all active sequences on one shared
+base, whatever their adapter (continuous batching), a prefix cache for shared prompts, streaming and cancellation.
+
+A step admits waiting requests into free cache rows (prefilling each, after copying any cached prefix), then
+runs one decode forward over every active row: rows sit at different positions (per-row ``start``) and may
+carry different LoRA adapters (per-row adapter ids). Finished, cancelled or timed-out sequences leave between
+steps and the last row moves into the freed one, so active rows stay packed at 0..n-1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import SlimswarmError
+from ..models.sampling import SamplingParams, sample_next
+from .kv import PrefixCache, kv_bytes_per_token, move_row
+
+
+class QueueFull(SlimswarmError):
+    """The bounded waiting queue is full (the server answers 429)."""
+
+
+class EngineClosed(SlimswarmError):
+    """The engine is stopping or stopped (the server answers 503)."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None = None
+    timeout_s: float | None = None
+    logprobs: bool = False
+    id: str = ""
+    # filled by the engine
+    tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+    error: str | None = None
+    cached_tokens: int = 0
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_done: float | None = None
+    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue, repr=False)
+    _cancel: bool = field(default=False, repr=False)
+    _sent: int = field(default=0, repr=False)
+    _gen: torch.Generator | None = field(default=None, repr=False)
+    _row: int = field(default=-1, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Stop this request at the next step; its row is freed."""
+        self._cancel = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> "Request":
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout}s")
+        if self.finish_reason == "error":
+            raise SlimswarmError(f"request {self.id} failed: {self.error}")
+        return self
+
+    def stream(self, timeout: float | None = None):
+        """Text pieces as they are produced (blocking iterator), ending when the request finishes."""
+        while True:
+            kind, value = self.events.get(timeout=timeout)
+            if kind == "text":
+                yield value
+            elif kind == "done":
+                return
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.t_first is None else self.t_first - self.t_submit
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.t_done is None else self.t_done - self.t_submit
+
+
+class Engine:
+    """Continuous batching over one model (float or quantized), optionally with a bank of LoRA adapters."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int = 2048, kv_budget_bytes: int | None = None,
+                 prefix_cache_bytes: int = 256 << 20, max_waiting: int = 256, adapters=None):
+        per_token = kv_bytes_per_token(model)
+        if kv_budget_bytes is not None:
+            fit = kv_budget_bytes // (max_batch * per_token)
+            if fit < 64:
+                raise SlimswarmError(f"kv budget {kv_budget_bytes:,} bytes holds only {fit} tokens a row for "
+                                     f"{max_batch} rows ({per_token:,} bytes a token): raise it or lower max_batch")
+            max_len = min(max_len, int(fit))
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_len, self.max_waiting = max_batch, max_len, max_waiting
+        self.kv_bytes = max_batch * max_len * per_token
+        self.adapters = adapters  # an AdapterBank (compress/lora.py) or None
+        self.prefix = PrefixCache(prefix_cache_bytes)
+        self.eos = set(tokenizer.eos_ids)
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []  # active[i] sits in cache row i
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._closed = False
+        self.counters = {"requests": 0, "finished": 0, "rejected": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
+                         "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "decode_rows": 0,
+                         "prefill_s": 0.0, "decode_s": 0.0}
+        self.last_batch = 0
+        model.eval()
+        model.setup_cache(max_batch, max_len)
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, prompt: list[int] | str, params: SamplingParams | None = None, adapter: str | None = None,
+               timeout_s: float | None = None, logprobs: bool = False) -> Request:
+        """Queue a request; raises QueueFull, EngineClosed, or SlimswarmError for a bad adapter / long prompt."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise SlimswarmError("empty prompt")
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            known = [] if self.adapters is None else list(self.adapters.names)
+            raise SlimswarmError(f"unknown adapter {adapter!r} (loaded: {', '.join(known) or 'none'})")
+        if len(ids) + params.max_tokens > self.max_len:
+            raise SlimswarmError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the "
+                                 f"context of {self.max_len} tokens")
+        req = Request(ids, params, adapter, timeout_s, logprobs, id=f"req-{next(self._ids)}")
+        if params.seed is not None or params.temperature > 0:
+            req._gen = torch.Generator(device=self.model.device)
+            req._gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item()))
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("engine is shut down")
+            if len(self.waiting) >= self.max_waiting:
+                self.counters["rejected"] += 1
+                raise QueueFull(f"queue full ({self.max_waiting} waiting)")
+            req.t_submit = time.perf_counter()
+            self.waiting.append(req)
+            self.counters["requests"] += 1
+            self._wake.notify()
+        return req
+
+    def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[str | None] | None = None) -> list[Request]:
+        """Submit all and wait (drives the steps itself when no background thread runs)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        alist = adapters or [None] * len(prompts)
+        reqs = []
+        for p, sp, a in zip(prompts, plist, alist):
+            while True:
+                try:
+                    reqs.append(self.submit(p, sp, a))
+                    break
+                except QueueFull:
+                    if self._thread is None:
+                        self.step()
+                    else:
+                        time.sleep(0.01)
+        if self._thread is None:
+            while not all(r.done for r in reqs):
+                self.step()
+        return [r.wait() for r in reqs]
+
+    # ------------------------------------------------------------------ background loop
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="slimswarm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._running = False
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for r in list(self.waiting) + list(self.active):
+            self._finish(r, "cancelled")
+        self.waiting.clear()
+        self.active.clear()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                while self._running and not self.waiting and not self.active:
+                    self._wake.wait()
+                if not self._running:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failure fails the requests in flight, never the engine
+                for r in list(self.active):
+                    r.error = f"{type(e).__name__}: {e}"
+                    self._finish(r, "error")
+                self.active.clear()
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit what fits, then one decode forward over all active rows. Returns whether work remains."""
+        self._reap()
+        with self._lock:
+            new = []
+            while self.waiting and len(self.active) + len(new) < self.max_batch:
+                new.append(self.waiting.popleft())
+        for req in new:
+            self._prefill(req)
+        self._reap()
+        if self.active:
+            self._decode()
+            self._reap()
+        return bool(self.active or self.waiting)
+
+    def _set_adapters(self, reqs: list[Request]) -> None:
+        if self.adapters is not None:
+            self.adapters.set_rows([r.adapter for r in reqs])
+
+    def _prefill(self, req: Request) -> None:
+        row = len(self.active)
+        req._row = row
+        self.active.append(req)
+        t0 = time.perf_counter()
+        try:
+            hit = self.prefix.load(self.model, row, req.prompt, req.adapter)
+            req.cached_tokens = hit
+            self._set_adapters([req])
+            x = torch.tensor([req.prompt[hit:]], device=self.model.device)
+            logits = self.model(x, hit, None, last_only=True, row0=row)[0, -1]
+            self.prefix.store(self.model, row, req.prompt, req.adapter)
+        except Exception as e:
+            req.error = f"{type(e).__name__}: {e}"
+            self._finish(req, "error")
+            return
+        self.counters["prefill_s"] += time.perf_counter() - t0
+        self.counters["prompt_tokens"] += len(req.prompt)
+        self._emit(req, logits)
+
+    def _decode(self) -> None:
+        reqs = self.active
+        dev = self.model.device
+        t0 = time.perf_counter()
+        toks = torch.tensor([[r.tokens[-1]] for r in reqs], device=dev)
+        start = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in reqs], device=dev)
+        self._set_adapters(reqs)
+        logits = self.model(toks, start, None, last_only=True, row0=0)[:, -1]
+        self.counters["decode_s"] += time.perf_counter() - t0
+        self.counters["steps"] += 1
+        self.counters["decode_rows"] += len(reqs)
+        self.last_batch = len(reqs)
+        greedy = torch.argmax(logits, -1).tolist()
+        for i, r in enumerate(list(reqs)):
+            if r.finish_reason is None:
+                self._emit(r, logits[i], greedy[i])
+
+    def _emit(self, req: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample one token for ``req`` and check its stop conditions."""
+        p = req.params
+        tok = (greedy if greedy is not None else int(torch.argmax(logits))) if p.temperature == 0 else \
+            sample_next(logits, p, req._gen)
+        if req.t_first is None:
+            req.t_first = time.perf_counter()
+        if tok in self.eos:
+            self._finish(req, "stop")
+            return
+        req.tokens.append(tok)
+        if req.logprobs:
+            req.token_logprobs.append(float(torch.log_softmax(logits.float(), -1)[tok]))
+        self.counters["generated_tokens"] += 1
+        text = self.tokenizer.decode(req.tokens)
+        if p.stop:
+            cuts = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if cuts:
+                req.text = text[: min(cuts)]
+                self._finish(req, "stop")
+                return
+        req.text = text
+        if len(req.tokens) >= p.max_tokens:
+            self._finish(req, "length")
+            return
+        # stream what can no longer change: hold back a possible stop-string prefix and a partial character
+        hold = max((len(s) - 1 for s in p.stop), default=0)
+        safe = len(text) - hold
+        while safe > req._sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > req._sent:
+            req.events.put(("text", text[req._sent : safe]))
+            req._sent = safe
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.finish_reason is not None and req.done:
+            return
+        req.finish_reason = reason
+        req.t_done = time.perf_counter()
+        if len(req.text) > req._sent and reason not in ("cancelled", "error"):
+            req.events.put(("text", req.text[req._sent :]))
+            req._sent = len(req.text)
+        key = {"cancelled": "cancelled", "timeout": "timeouts", "error": "errors"}.get(reason, "finished")
+        self.counters[key] += 1
+        req.events.put(("done", reason))
+        req._done.set()
+
+    def _reap(self) -> None:
+        """Drop finished/cancelled/timed-out rows (moving the last row into each hole) and expired waiting ones."""
+        now = time.perf_counter()
+        with self._lock:
+            for r in list(self.waiting):
+                if r._cancel or (r.timeout_s is not None and now - r.t_submit > r.timeout_s):
+                    self.waiting.remove(r)
+                    self._finish(r, "cancelled" if r._cancel else "timeout")
+        i = 0
+        while i < len(self.active):
+            r = self.active[i]
+            if r.finish_reason is None:
+                if r._cancel:
+                    self._finish(r, "cancelled")
+                elif r.timeout_s is not None and now - r.t_submit > r.timeout_s:
+                    self._finish(r, "timeout")
+            if r.finish_reason is None:
+                i += 1
+                continue
+            last = self.active.pop()
+            if last is not r:
+                move_row(self.model, len(self.active), i, len(last.prompt) + len(last.tokens))
+                last._row = i
+                self.active[i] = last
+
+    # ------------------------------------------------------------------ metrics
+    def stats(self) -> dict:
+        c = dict(self.counters)
+        c.update(self.prefix.stats())
+        c.update(queue_depth=len(self.waiting), active=len(self.active), batch_size=self.last_batch,
+                 max_batch=self.max_batch, max_len=self.max_len, kv_cache_bytes=self.kv_bytes,
+                 decode_tokens_per_s=c["decode_rows"] / c["decode_s"] if c["decode_s"] else 0.0)
+        return c
