@@ -235,6 +235,161 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _check_out(out: Path, flag: str = "--out") -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimswarmError(f"{flag} {out}: exists and is not an empty folder")
+
+
+def _finetune_pairs(args, tokenizer) -> tuple[list[tuple[str, str]], str]:
+    """(prompt, completion) pairs from --task (chat-formatted task items) or --data (JSONL prompt/completion)."""
+    if args.task:
+        from .tasks import gsm8k_solutions, load_task, messages_for, target_for
+
+        items = load_task(args.task, "train", n=args.examples, seed=args.seed)
+        sol = gsm8k_solutions() if args.task == "gsm8k" else {}
+        return [(tokenizer.chat(messages_for(it)), target_for(it, sol.get(it.id))) for it in items], f"{args.task} train"
+    p = Path(args.data)
+    if not p.is_file():
+        raise SlimswarmError(f"--data: no such file: {p}")
+    pairs = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            pairs.append((str(d["prompt"]), str(d["completion"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SlimswarmError(f"{p}:{i}: need a JSON object with 'prompt' and 'completion' ({e})") from None
+    return pairs[: args.examples] if args.examples else pairs, str(p)
+
+
+def cmd_finetune(args) -> int:
+    """LoRA on a (optionally quantized) base; writes the adapter alone, its loss curve, and task accuracy."""
+    import torch
+
+    from .compress.lora import FinetuneConfig, LoRAConfig, finetune_lora, save_adapter
+    from .compress.quant.apply import is_quantized, quantize_model
+    from .compress.recipe import load_recipe
+    from .models.checkpoint import file_sha256
+    from .models.load import load
+
+    if bool(args.task) == bool(args.data):
+        raise SlimswarmError("finetune: give exactly one of --task or --data")
+    out = Path(args.out)
+    _check_out(out)
+    try:
+        cfg = FinetuneConfig(lora=LoRAConfig(r=args.r, alpha=args.alpha if args.alpha else 2.0 * args.r),
+                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len,
+                             seed=args.seed, log_every=max(1, args.steps // 20))
+    except Exception as e:  # pydantic: name the field
+        raise SlimswarmError(f"finetune: {str(e).splitlines()[1:3]}") from None
+    recipe = load_recipe(args.quantize) if args.quantize else None
+    if recipe is not None and (recipe.quantize is None or recipe.quantize.method != "rtn"):
+        raise SlimswarmError(f"--quantize {args.quantize}: use an RTN recipe for the base (w8, w4g128-rtn, w4g64-rtn) "
+                             "or give a compressed checkpoint as MODEL")
+    loaded = load(args.model, dtype=getattr(torch, args.dtype))
+    pairs, source = _finetune_pairs(args, loaded.tokenizer)
+    if recipe is not None:
+        if is_quantized(loaded.model):
+            raise SlimswarmError(f"{args.model}: already quantized; drop --quantize")
+        quantize_model(loaded.model, recipe.quantize)
+    print(f"finetune: {len(pairs)} examples from {source}, r={cfg.lora.r}, {cfg.steps} steps of {cfg.batch_size}"
+          f"{' on a ' + recipe.name + ' base' if recipe else ''}", file=sys.stderr, flush=True)
+    res = finetune_lora(loaded.model, loaded.tokenizer, pairs, cfg)
+    meta = {"base": {"source": loaded.source, "sha256": file_sha256(loaded.source),
+                     "quantize": recipe.model_dump() if recipe else None},
+            "train": {"source": source, "examples": len(pairs), "config": cfg.model_dump(), "history": res.history,
+                      "seconds": round(res.seconds, 1)}}
+    save_adapter(loaded.model, out, cfg.lora, meta)
+    from .compress.distill import loss_plot
+
+    loss_plot(res.history, out / "loss.png", f"LoRA fine-tuning on {source}")
+    row = {"out": str(out), "examples": len(pairs), "steps": cfg.steps, "trained_params": res.trained_params,
+           "adapter_bytes": (out / "adapter.safetensors").stat().st_size, "first_loss": res.history[0]["loss"],
+           "final_loss": res.history[-1]["loss"], "seconds": round(res.seconds, 1)}
+    if args.task and args.eval:
+        from .tasks import is_correct, load_task, messages_for
+        from .models.generate import generate_ids
+        from .models.sampling import SamplingParams
+
+        items = load_task(args.task, "test", n=args.eval, seed=0)
+        ids = [loaded.tokenizer.encode(loaded.tokenizer.chat(messages_for(it))) for it in items]
+        mt = 256 if args.task == "gsm8k" else 4
+        ok = 0
+        for i in range(0, len(ids), 16):
+            outs = generate_ids(loaded.model, ids[i:i + 16], SamplingParams(max_tokens=mt), loaded.tokenizer.eos_ids,
+                                loaded.tokenizer.pad_id, loaded.tokenizer)
+            ok += sum(is_correct(it, o.text) for it, o in zip(items[i:i + 16], outs))
+        row["test_accuracy"] = ok / len(items)
+        row["test_items"] = len(items)
+    print(json.dumps(row) if args.json else _table(row))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    """Teacher → student knowledge distillation (or plain CE fine-tuning) with checkpoints and exact resume."""
+    import torch
+
+    from .compress.distill import DistillConfig, check_same_tokenizer, distill, drop_layers
+    from .models.load import load
+
+    try:
+        cfg = DistillConfig(mode=args.mode, alpha=args.alpha, temperature=args.temperature, steps=args.steps,
+                            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, save_every=args.save_every,
+                            beta_hidden=args.beta_hidden, seed=args.seed)
+    except Exception as e:
+        raise SlimswarmError(f"distill: {str(e).splitlines()[1:3]}") from None
+    out = Path(args.out)
+    if out.exists() and not (out / "train_state.pt").exists() and any(out.iterdir()):
+        raise SlimswarmError(f"--out {out}: exists, is not empty and holds no train_state.pt to resume")
+    if args.no_resume and (out / "train_state.pt").exists():
+        raise SlimswarmError(f"--out {out}: holds a run (train_state.pt) and --no-resume was given: choose another folder")
+    text = None
+    if args.text:
+        p = Path(args.text)
+        if not p.is_file():
+            raise SlimswarmError(f"--text: no such file: {p}")
+        text = p.read_text(encoding="utf-8")
+    dtype = getattr(torch, args.dtype)
+    teacher = load(args.teacher, dtype=dtype)
+    if args.student:
+        student = load(args.student, dtype=dtype)
+        check_same_tokenizer(teacher.tokenizer, student.tokenizer)
+        smodel = student.model
+    else:
+        n = teacher.model.config.num_hidden_layers
+        drop = args.drop_layers if args.drop_layers is not None else n // 4
+        if not 0 < drop < n:
+            raise SlimswarmError(f"--drop-layers must be in 1..{n - 1}, got {drop}")
+        keep = _keep_layers(teacher, drop)
+        smodel = drop_layers(teacher.model, keep)
+        print(f"distill: student keeps layers {keep} ({n - drop}/{n})", file=sys.stderr, flush=True)
+    res = distill(teacher.model if cfg.mode == "kd" else None, smodel, teacher.tokenizer, cfg, out, text,
+                  resume=not args.no_resume, meta={"teacher": teacher.source})
+    h = res.history
+    row = {"out": str(out), "student": str(res.student_dir), "steps": cfg.steps, "resumed_from": res.resumed_from,
+           "first_loss": h[0]["loss"] if h else None, "final_loss": h[-1]["loss"] if h else None,
+           "student_params": smodel.num_parameters(), "teacher_params": teacher.model.num_parameters()}
+    print(json.dumps(row) if args.json else _table(row))
+    return 0
+
+
+def _keep_layers(teacher, drop: int) -> list[int]:
+    """The layers a layer-dropped student keeps: the ones that change their input most (block influence) where the
+    structured-pruning scorer is available, else evenly spaced drops away from the first and last layer."""
+    n = teacher.model.config.num_hidden_layers
+    try:
+        from .compress.prune.structured import layer_importance  # type: ignore[attr-defined]
+        from .compress.calibrate import calibration_batch
+
+        scores = layer_importance(teacher.model, calibration_batch(teacher.tokenizer, None, 16, 256))
+        order = sorted(range(n), key=lambda i: float(scores[i]))
+        dropped = set(order[:drop])
+    except ImportError:
+        dropped = {round(1 + i * (n - 2) / drop) for i in range(drop)}
+    return [i for i in range(n) if i not in dropped]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimswarm", description="Compress LLMs for a team of agents and run the team.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -287,12 +442,55 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_compress)
 
+    ft = sub.add_parser("finetune", help="train a LoRA adapter (on a float or quantized base)")
+    model_args(ft)
+    ft.add_argument("--task", choices=("sst2", "agnews", "gsm8k"), help="train on this task's train split")
+    ft.add_argument("--data", help="JSONL with 'prompt' and 'completion' fields")
+    ft.add_argument("--out", required=True, help="adapter folder (must not exist or be empty)")
+    ft.add_argument("--quantize", metavar="RECIPE", help="quantize the base first (QLoRA-style), e.g. w4g128-rtn")
+    ft.add_argument("--r", type=int, default=8)
+    ft.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    ft.add_argument("--steps", type=int, default=200)
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--max-len", type=int, default=256)
+    ft.add_argument("--examples", type=int, default=None, help="use at most this many training examples")
+    ft.add_argument("--eval", type=int, default=0, metavar="N", help="then report accuracy on N test items (--task)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--json", action="store_true")
+    ft.set_defaults(fn=cmd_finetune)
+
+    ds = sub.add_parser("distill", help="knowledge distillation teacher -> student, resumable")
+    ds.add_argument("teacher")
+    ds.add_argument("--dtype", choices=DTYPES, default="float32")
+    ds.add_argument("--student", help="a student model (same tokenizer); default: the teacher minus --drop-layers")
+    ds.add_argument("--drop-layers", type=int, default=None, help="layers to remove for the default student (n/4)")
+    ds.add_argument("--out", required=True, help="run folder: train_state.pt, loss.jsonl, loss.png, student/")
+    ds.add_argument("--text", help="training text (default: GSM8K/AG News/SST-2 train text)")
+    ds.add_argument("--mode", choices=("kd", "ce"), default="kd")
+    ds.add_argument("--alpha", type=float, default=0.5)
+    ds.add_argument("--temperature", type=float, default=2.0)
+    ds.add_argument("--beta-hidden", type=float, default=0.0)
+    ds.add_argument("--steps", type=int, default=200)
+    ds.add_argument("--batch-size", type=int, default=8)
+    ds.add_argument("--seq-len", type=int, default=256)
+    ds.add_argument("--lr", type=float, default=3e-4)
+    ds.add_argument("--save-every", type=int, default=50)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--no-resume", action="store_true", help="error instead of continuing an existing run")
+    ds.add_argument("--json", action="store_true")
+    ds.set_defaults(fn=cmd_distill)
+
     d = sub.add_parser("demo", help="the main job on the embedded default model")
     model_args(d, default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=8192)
     d.add_argument("--recipe", default="w4g128-gptq")
     d.add_argument("--out", default="out")
     d.set_defaults(fn=cmd_demo)
+
+    from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
+
+    add_team_parser(sub)
     return p
 
 
