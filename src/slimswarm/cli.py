@@ -390,6 +390,105 @@ def _keep_layers(teacher, drop: int) -> list[int]:
     return [i for i in range(n) if i not in dropped]
 
 
+def _structured_arg(spec: str | None) -> dict | None:
+    """"heads=0.25,channels=0.25" or "layers=4" → {"heads": 0.25, ...}; one-line errors naming the part."""
+    if not spec:
+        return None
+    out: dict = {}
+    for part in spec.split(","):
+        key, eq, val = part.partition("=")
+        key = key.strip()
+        if not eq or key not in ("heads", "channels", "layers"):
+            raise SlimswarmError(f"--structured {spec!r}: expected heads=F,channels=F or layers=N, got {part!r}")
+        try:
+            out[key] = int(val) if key == "layers" else float(val)
+        except ValueError:
+            raise SlimswarmError(f"--structured {key}={val!r}: not a number") from None
+    return out
+
+
+def cmd_prune(args) -> int:
+    """Prune (unstructured, N:M and/or structured), write an atomic checkpoint, print params and bytes before/after."""
+    import time
+
+    import torch
+
+    from .compress.calibrate import calibration_batch, read_calibration
+    from .compress.prune.apply import check_plan, param_counts
+    from .compress.recipe import _validate, apply_recipe
+    from .evaluate.size import disk_bytes, weight_bytes
+    from .models.checkpoint import file_sha256, save_checkpoint
+    from .models.load import load
+
+    prune = {"method": args.method, "sparsity": args.sparsity or 0.0, "pattern": args.pattern, "storage": args.storage}
+    structured = _structured_arg(args.structured)
+    if structured is not None:
+        prune["structured"] = structured
+    recipe = _validate({"name": f"prune-{args.method}", "prune": prune}, "prune options")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimswarmError(f"--out {out}: exists and is not an empty folder")
+    calib_text = read_calibration(args.calib) if args.calib else None
+    loaded = load(args.model, dtype=getattr(torch, args.dtype))
+    check_plan(loaded.model, recipe.prune)  # widths and layer counts, before calibration
+    calib = None
+    if recipe.needs_calibration:
+        c = recipe.calibration
+        calib = calibration_batch(loaded.tokenizer, calib_text, c.samples, c.seq_len,
+                                  source=args.calib or "default calibration text")
+    params_before, _ = param_counts(loaded.model)
+    bytes_before = weight_bytes(loaded.model)
+    t = time.perf_counter()
+    meta = apply_recipe(loaded.model, recipe, calib)
+    secs = time.perf_counter() - t
+    params, nonzero = param_counts(loaded.model)
+    parent = {"source": loaded.source, "sha256": file_sha256(loaded.source)}
+    save_checkpoint(loaded.model, loaded.tokenizer, out,
+                    {"recipe": recipe.model_dump(), "pruning": meta.get("prune", {}), "parent": parent,
+                     "calibration": {"source": args.calib or "gsm8k+agnews+sst2 train",
+                                     "tokens": 0 if calib is None else calib.numel()}})
+    row = {"method": args.method, "pattern": args.pattern, "structured": args.structured or "",
+           "params_before": params_before, "params": params, "nonzero_params": nonzero,
+           "weight_bytes_before": bytes_before, "weight_bytes": weight_bytes(loaded.model),
+           "disk_bytes": disk_bytes(out), "seconds": round(secs, 1), "out": str(out)}
+    print(json.dumps(row) if args.json else _table(row))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """One model and its LoRA adapters behind an OpenAI-compatible endpoint, until interrupted."""
+    from .engine.engine import Engine
+    from .engine.server import serve
+
+    name = args.name or Path(args.model.rstrip("/")).name
+    adapters: dict[str, str] = {}
+    for spec in args.adapters or []:
+        aname, sep, path = spec.partition("=")
+        if not sep or not aname or not path:
+            raise SlimswarmError(f"--adapters {spec!r}: expected NAME=DIR")
+        if aname in adapters or aname == name:
+            raise SlimswarmError(f"--adapters: name {aname!r} is used twice (the base model is {name!r})")
+        adapters[aname] = path
+    if not 0 < args.port < 65536:
+        raise SlimswarmError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1 or args.max_waiting < 1 or args.max_len < 16:
+        raise SlimswarmError("--max-batch and --max-waiting must be >= 1, --max-len >= 16")
+    api_key = args.api_key or os.environ.get("SLIMSWARM_API_KEY") or None
+    loaded = _load(args)
+    bank = None
+    if adapters:
+        from .compress.lora import AdapterBank
+
+        bank = AdapterBank(loaded.model, adapters)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, max_len=args.max_len,
+                    max_waiting=args.max_waiting, adapters=bank)
+    models = ", ".join([name, *adapters])
+    print(f"slimswarm: serving {models} on http://{args.host}:{args.port}/v1 (context {engine.max_len}, batch "
+          f"{engine.max_batch}, {'API key required' if api_key else 'no API key'})", file=sys.stderr)
+    serve(engine, name, args.host, args.port, api_key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimswarm", description="Compress LLMs for a team of agents and run the team.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -481,12 +580,37 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--json", action="store_true")
     ds.set_defaults(fn=cmd_distill)
 
+    pr = sub.add_parser("prune", help="prune (magnitude, Wanda, SparseGPT; unstructured, N:M, structured) into a checkpoint")
+    model_args(pr)
+    pr.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda")
+    pr.add_argument("--sparsity", type=float, help="unstructured fraction of weights removed, in [0, 1)")
+    pr.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    pr.add_argument("--structured", metavar="SPEC", help="heads=0.25,channels=0.25 and/or layers=4")
+    pr.add_argument("--storage", choices=("sparse", "dense"), default="sparse",
+                    help="sparse: compact SparseLinear storage (smaller on disk); dense: zeros kept in dense tensors")
+    pr.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    pr.add_argument("--calib", help="calibration text file (default: GSM8K/AG News/SST-2 train text)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=cmd_prune)
+
     d = sub.add_parser("demo", help="the main job on the embedded default model")
     model_args(d, default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=8192)
     d.add_argument("--recipe", default="w4g128-gptq")
     d.add_argument("--out", default="out")
     d.set_defaults(fn=cmd_demo)
+
+    sv = sub.add_parser("serve", help="serve a model and its LoRA adapters on an OpenAI-compatible HTTP endpoint")
+    model_args(sv)
+    sv.add_argument("--adapters", nargs="+", metavar="NAME=DIR", help="LoRA adapter folders, each served as model NAME")
+    sv.add_argument("--name", help="the base model's name in the API (default: the model argument's last part)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    sv.add_argument("--max-len", type=int, default=2048, help="context length per sequence (KV cache slots)")
+    sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
+    sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SLIMSWARM_API_KEY, else none)")
+    sv.set_defaults(fn=cmd_serve)
 
     from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
 
