@@ -12,6 +12,7 @@ use groups of 128 (96 on the 576-wide layers, where 128 does not divide the widt
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant_smollm2"))
     args = ap.parse_args()
     torch.set_num_threads(2)
+    load_start = os.getloadavg()
     text = data_path("text/wikitext-2-raw-test.txt").read_text()
     bw = measure_bandwidth()
     ref = load("smollm2-135m")
@@ -150,6 +152,8 @@ def main() -> None:
         "torchao rows: its configs applied to the decoder linears of the same model (embeddings/LM head stay fp32, so their "
         "bytes per token include a 113 MB fp32 table that our presets store as int8); disk bytes from torch.save.",
         "llama.cpp was not measured in this run.",
+        f"machine load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores (above ~2 other work "
+        "shared the CPU, so tokens/s are low and noisy; the ratios between rows are the signal)",
         f"bandwidth {bw:.1f} GB/s; gguf file itself: {smollm2_gguf_path().stat().st_size:,} bytes.",
     ]
     ok = [r for r in rows if "perplexity" in r]

@@ -137,3 +137,59 @@ def test_finetune_lowers_loss_on_quantized_base(stories):
             assert torch.equal(mod.qweight, packed[n.removesuffix(".base")])
     merge_lora(m)  # a quantized base is re-quantized with the delta folded in: still packed
     assert all(isinstance(mod, QuantLinear) for n, mod in m.named_modules() if n.endswith("q_proj"))
+
+
+def _state(model, seed, r):
+    """A random adapter as a (cfg, state) pair on every q/v projection, B nonzero."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = LoRAConfig(r=r, alpha=float(r), targets=["*.q_proj", "*.v_proj"])
+    sd = {}
+    for name, mod in model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            sd[f"{name}.lora_A"] = torch.randn(r, mod.in_features, generator=g) * 0.1
+            sd[f"{name}.lora_B"] = torch.randn(mod.out_features, r, generator=g) * 0.1
+    return cfg, sd
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n_adapters", [3, 12])  # 3: the dense all-adapters path; 12 (> 4x rows): the gather path
+def test_bank_paths_add_remove_and_ranks(stories, n_adapters):
+    tok = stories.tokenizer
+    x = torch.tensor([tok.encode("Once upon a time")[:4], tok.encode("The dog ran to")[:4]])
+    base = copy.deepcopy(stories.model)
+    bank = AdapterBank(base)
+    states = {f"a{i}": _state(stories.model, i, r=2 + i % 3) for i in range(n_adapters)}  # mixed ranks
+    for name, st in states.items():
+        bank.add(name, st)
+
+    def alone(name, row):
+        m = copy.deepcopy(stories.model)
+        apply_adapter(m, states[name])
+        return m(x[row : row + 1])[0]
+
+    bank.set_rows(["a1", "a2"])
+    assert (bank._rows.mask is not None) == (n_adapters == 3)
+    y = base(x)
+    assert torch.allclose(y[0], alone("a1", 0), atol=1e-4, rtol=0)
+    assert torch.allclose(y[1], alone("a2", 1), atol=1e-4, rtol=0)
+    bank.remove("a1")  # the others keep their weights
+    bank.set_rows(["a2", "a0"])
+    y = base(x)
+    assert torch.allclose(y[0], alone("a2", 0), atol=1e-4, rtol=0)
+    assert torch.allclose(y[1], alone("a0", 1), atol=1e-4, rtol=0)
+    assert bank.names == [n for n in states if n != "a1"]
+
+
+def test_quantized_head_gradient_through_several_dequant_chunks(monkeypatch):
+    """Autograd must see each chunk's own weight (the chunks must not share one scratch tensor under grad)."""
+    from slimswarm.compress.quant import linear as ql
+    from slimswarm.compress.quant.rtn import rtn_quantize
+
+    monkeypatch.setattr(ql, "DEQUANT_CHUNK", 64 * 32)  # 4 chunks of 16 rows
+    w = torch.randn(64, 64)
+    q = ql.QuantLinear.from_codes(*rtn_quantize(w, 4, 32), 4, 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    q(x, kernel="dequant").square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, q.dequantize()).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4)

@@ -262,32 +262,47 @@ class _Rows:
     def __init__(self):
         self.ids: torch.Tensor | None = None  # [B] long, or None when every row uses the same slot
         self.uniform = 0  # the slot every row uses when ids is None
+        self.mask: torch.Tensor | None = None  # [B, 1, slots·R]: 1 on each row's own slot (the dense path)
+        self.r = 1  # R: every slot is padded to the bank's largest rank
 
 
 class MultiLoRALinear(nn.Module):
-    """base(x) + per-row ΔW: adapters stacked as A [n+1, r, in], B [n+1, out, r] (slot 0 zeros, scaling folded into B).
+    """base(x) + per-row ΔW, all adapters side by side: A_cat [slots·R, in], B_cat [out, slots·R] (slot 0 zeros,
+    scaling folded into B).
 
-    A batch whose rows share one slot does two thin matmuls (or none for slot 0); a mixed batch gathers each row's A
-    and B and does two batched matmuls, so different adapters cost one forward, not one forward each."""
+    A batch whose rows share one slot does two thin matmuls (none for slot 0). A mixed batch projects every row onto
+    every adapter's A at once, zeroes the slots a row did not ask for, and multiplies by B_cat: two dense matmuls that
+    read each adapter once per call, instead of gathering per-row copies of A and B (which cost a copy of B·R·(in+out)
+    floats per linear per step). With far more adapters than rows the gather is cheaper, and is used."""
 
     def __init__(self, base: nn.Module, rows: _Rows):
         super().__init__()
         self.base, self.rows = base, rows
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.A = torch.zeros(1, 1, self.in_features)
-        self.B = torch.zeros(1, self.out_features, 1)
+        self.A_cat = torch.zeros(1, self.in_features)
+        self.B_cat = torch.zeros(self.out_features, 1)
 
-    def set_slots(self, a_list: list[torch.Tensor | None], b_list: list[torch.Tensor | None]) -> None:
-        """Rebuild the stacks from per-slot (A, scaled B); None marks an adapter that does not touch this linear."""
-        r = max([1] + [a.shape[0] for a in a_list if a is not None])
+    @property
+    def slots(self) -> int:
+        return self.A_cat.shape[0] // self.rows.r
+
+    def slot(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [R, in], scaled B [out, R]) of slot ``i`` (views)."""
+        r = self.rows.r
+        return self.A_cat[i * r:(i + 1) * r], self.B_cat[:, i * r:(i + 1) * r]
+
+    def set_slots(self, a_list: list[torch.Tensor | None], b_list: list[torch.Tensor | None], r: int,
+                  device) -> None:
+        """Rebuild from per-adapter (A, scaled B); None marks an adapter that does not touch this linear."""
         n = len(a_list) + 1
-        A = torch.zeros(n, r, self.in_features)
-        B = torch.zeros(n, self.out_features, r)
+        A = torch.zeros(n * r, self.in_features, device=device)
+        B = torch.zeros(self.out_features, n * r, device=device)
         for i, (a, b) in enumerate(zip(a_list, b_list), 1):
             if a is not None:
-                A[i, : a.shape[0]] = a
-                B[i, :, : b.shape[1]] = b
-        self.A, self.B = A, B
+                k = min(a.shape[0], r)  # ranks above r are zero padding of an older, wider stack
+                A[i * r:i * r + k] = a[:k]
+                B[:, i * r:i * r + k] = b[:, :k]
+        self.A_cat, self.B_cat = A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -295,41 +310,51 @@ class MultiLoRALinear(nn.Module):
         if rows.ids is None:
             if rows.uniform == 0:
                 return y
-            a, b = self.A[rows.uniform], self.B[rows.uniform]
+            a, b = self.slot(rows.uniform)
             return y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype)
         ids = rows.ids
         if x.shape[0] != ids.shape[0]:
             raise SlimswarmError(f"adapter rows set for {ids.shape[0]} rows, batch has {x.shape[0]}")
-        xa = torch.bmm(x.reshape(x.shape[0], -1, self.in_features).to(self.A.dtype), self.A[ids].transpose(1, 2))
-        d = torch.bmm(xa, self.B[ids].transpose(1, 2))
+        x3 = x.reshape(x.shape[0], -1, self.in_features).to(self.A_cat.dtype)
+        if rows.mask is not None:
+            d = F.linear(F.linear(x3, self.A_cat) * rows.mask, self.B_cat)
+        else:
+            r = rows.r
+            a = self.A_cat.view(-1, r, self.in_features)[ids]  # [B, R, in]
+            b = self.B_cat.view(self.out_features, -1, r)[:, ids].permute(1, 0, 2)  # [B, out, R]
+            d = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
         return y + d.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
 
 class AdapterBank:
     """Many LoRA adapters resident on one base: ``set_rows([name or None, ...])`` before each forward.
 
-    Adapters are kept in fp32 (a few hundred KB each); the base stays shared and unchanged (float or quantized)."""
+    Adapters live only in the stacked fp32 matrices of the wrapped linears (one copy); the base stays shared and
+    unchanged (float or quantized)."""
 
     def __init__(self, model: nn.Module, adapters: dict[str, object] | None = None):
         self.model = model
         self._rows = _Rows()
-        self._adapters: dict[str, tuple[LoRAConfig, dict[str, torch.Tensor]]] = {}
+        self._cfgs: dict[str, LoRAConfig] = {}
+        self._ranks: dict[str, int] = {}
         self._wrapped: dict[str, MultiLoRALinear] = {}
+        self._slot: dict[str, int] = {}
         for name, ref in (adapters or {}).items():
             self.add(name, ref)
 
     @property
     def names(self) -> list[str]:
-        return list(self._adapters)
+        return list(self._cfgs)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._adapters
+        return name in self._cfgs
 
     def __len__(self) -> int:
-        return len(self._adapters)
+        return len(self._cfgs)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, sd in self._adapters.values() for t in sd.values())
+        return sum(w.A_cat.numel() * w.A_cat.element_size() + w.B_cat.numel() * w.B_cat.element_size()
+                   for w in self._wrapped.values())
 
     def add(self, name: str, path_or_state) -> None:
         """Load an adapter (a folder or a (cfg, state) pair) under ``name``; replaces one of the same name."""
@@ -348,31 +373,42 @@ class AdapterBank:
             if m not in self._wrapped:
                 lin = self.model.get_submodule(m)
                 wrapped = MultiLoRALinear(lin, self._rows)
+                wrapped.set_slots([None] * len(self._cfgs), [None] * len(self._cfgs), self._rows.r, _device_of(lin))
                 _set(self.model, m, wrapped)
                 self._wrapped[m] = wrapped
-        self._adapters[name] = (cfg, {k: v.float() for k, v in sd.items()})
-        self._rebuild()
+        new = {m: (sd[f"{m}.lora_A"].float(), sd[f"{m}.lora_B"].float() * cfg.scaling) for m in mods}
+        self._restack(name, cfg, max(a.shape[0] for a, _ in new.values()), new, drop=name)
 
     def remove(self, name: str) -> None:
-        if name not in self._adapters:
+        if name not in self._cfgs:
             raise SlimswarmError(f"unknown adapter {name!r}")
-        del self._adapters[name]
-        self._rebuild()
+        self._restack(None, None, 0, {}, drop=name)
 
-    def _rebuild(self) -> None:
-        order = list(self._adapters.values())
-        dev = None
-        for m, wrapped in self._wrapped.items():
+    def _restack(self, name, cfg, rank: int, new: dict, drop: str | None) -> None:
+        """Rebuild every stack from the current slots (minus ``drop``) plus the new adapter, in one consistent step."""
+        old = list(self._cfgs)
+        keep = [n for n in old if n != drop]
+        ranks = {n: self._ranks[n] for n in keep}
+        if name is not None:
+            ranks[name] = rank
+        r = max([1] + list(ranks.values()))
+        for m, w in self._wrapped.items():
             a_list, b_list = [], []
-            for cfg, sd in order:
-                a, b = sd.get(f"{m}.lora_A"), sd.get(f"{m}.lora_B")
+            for n in keep:
+                a, b = w.slot(old.index(n) + 1)
+                a_list.append(a.clone())
+                b_list.append(b.clone())
+            if name is not None:
+                a, b = new.get(m, (None, None))
                 a_list.append(a)
-                b_list.append(None if b is None else b * cfg.scaling)
-            wrapped.set_slots(a_list, b_list)
-            if dev is None:
-                dev = _device_of(wrapped.base)
-            wrapped.A, wrapped.B = wrapped.A.to(dev), wrapped.B.to(dev)
-        self._slot = {n: i for i, n in enumerate(self._adapters, 1)}
+                b_list.append(b)
+            w.set_slots(a_list, b_list, r, w.A_cat.device if w.A_cat.numel() > 1 else _device_of(w.base))
+        self._rows.r = r
+        self._cfgs = {n: self._cfgs[n] for n in keep}
+        self._ranks = {n: self._ranks[n] for n in keep}
+        if name is not None:
+            self._cfgs[name], self._ranks[name] = cfg, rank
+        self._slot = {n: i for i, n in enumerate(self._cfgs, 1)}
         self.set_rows([None])
 
     def set_rows(self, names: list[str | None]) -> None:
@@ -384,12 +420,20 @@ class AdapterBank:
             elif n in self._slot:
                 slots.append(self._slot[n])
             else:
-                raise SlimswarmError(f"unknown adapter {n!r} (loaded: {', '.join(self._adapters) or 'none'})")
+                raise SlimswarmError(f"unknown adapter {n!r} (loaded: {', '.join(self._cfgs) or 'none'})")
+        rows = self._rows
         if len(set(slots)) <= 1:
-            self._rows.ids, self._rows.uniform = None, (slots[0] if slots else 0)
+            rows.ids, rows.mask, rows.uniform = None, None, (slots[0] if slots else 0)
+            return
+        dev = _device_of(next(iter(self._wrapped.values())).base) if self._wrapped else torch.device("cpu")
+        rows.ids = torch.tensor(slots, dtype=torch.long, device=dev)
+        n = len(self._cfgs) + 1
+        if n <= 4 * len(slots):  # dense path: reading every adapter once beats gathering per-row copies
+            mask = torch.zeros(len(slots), n, rows.r, device=dev)
+            mask[torch.arange(len(slots)), rows.ids] = 1.0
+            rows.mask = mask.view(len(slots), 1, n * rows.r)
         else:
-            dev = _device_of(next(iter(self._wrapped.values())).base) if self._wrapped else "cpu"
-            self._rows.ids = torch.tensor(slots, dtype=torch.long, device=dev)
+            rows.mask = None
 
 
 def _device_of(m: nn.Module) -> torch.device:
@@ -450,10 +494,23 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.
     return x, y
 
 
+def _head_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``head(h)`` that autograd can differentiate on a quantized head too: QuantLinear's chunked dequant path writes
+    every chunk of one call into the same scratch tensor, so a large head (SmolLM2's 49k rows) would hand backward
+    an overwritten weight; one fresh de-quantized weight avoids that."""
+    from .quant.linear import QuantLinear
+
+    if isinstance(head, QuantLinear) and torch.is_grad_enabled():
+        return F.linear(h, head.dequantize(h.dtype), None if head.bias is None else head.bias.to(h.dtype))
+    return head(h)
+
+
 def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneConfig,
                   on_log=None) -> FinetuneResult:
     """Add LoRA to ``model`` (float or quantized base) and train it on ``pairs``; the base stays frozen."""
     import time
+
+    from ..models.llama import CausalLM
 
     if not pairs:
         raise SlimswarmError("finetune: no training examples")
@@ -490,8 +547,14 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneC
                 cursor += 1
             x, y = _collate(batch, tokenizer.pad_id)
             x, y = x.to(params[0].device), y.to(params[0].device)
-            logits = model(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+            keep = y != -100
+            if isinstance(model, CausalLM):
+                # the LM head only where a label is: a completion is a few tokens after a long prompt, and
+                # projecting every prompt position onto the vocabulary is ~20% of SmolLM2's forward FLOPs
+                logits = _head_logits(model.lm_head, model(x, hidden_only=True)[keep])
+            else:
+                logits = model(x)[keep]
+            loss = F.cross_entropy(logits.float(), y[keep])
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -300,6 +300,8 @@ class QuantLinear(nn.Module):
             parts = []
             for r in range(0, self.out_features, rows):
                 e = min(r + rows, self.out_features)
+                if r and torch.is_grad_enabled():  # autograd keeps each chunk's weight for backward: no reuse
+                    ws = _workspace("weight", rows * self.in_features, x.dtype)
                 w = self._dequant_rows(r, e, x.dtype, ws[:(e - r) * self.in_features].view(e - r, -1))
                 parts.append(F.linear(x2, w, None if b is None else b[r:e]))
             y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
