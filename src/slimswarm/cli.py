@@ -123,7 +123,8 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the embedded default: load SmolLM2, compress it with a recipe, and show both side by side
-    (perplexity, KL, bytes, speed against the bandwidth bound), then answer a prompt with the compressed model."""
+    (perplexity, KL, bytes, speed against the bandwidth bound), answer a prompt with the compressed model, then run
+    the customer-service team (LoRA specialists on one compressed base) against one uncompressed model."""
     import torch
 
     from .compress.calibrate import calibration_batch
@@ -140,15 +141,15 @@ def cmd_demo(args) -> int:
 
     text, source = _read_text(None)
     out = Path(args.out)
-    print(f"[1/4] loading {args.model} ...", flush=True)
+    print(f"[1/5] loading {args.model} ...", flush=True)
     base = load(args.model, dtype=getattr(torch, args.dtype))
     print(f"      {base.model.num_parameters():,} parameters from {base.source}")
     recipe = load_recipe(args.recipe)
     ck = out / f"{Path(base.source).stem}-{recipe.name}"
     if (ck / "slimswarm.json").exists():
-        print(f"[2/4] reusing the compressed checkpoint {ck}")
+        print(f"[2/5] reusing the compressed checkpoint {ck}")
     else:
-        print(f"[2/4] compressing with recipe {recipe.name} (calibration on GSM8K/AG News/SST-2 train text) ...",
+        print(f"[2/5] compressing with recipe {recipe.name} (calibration on GSM8K/AG News/SST-2 train text) ...",
               flush=True)
         work = load(args.model, dtype=getattr(torch, args.dtype))
         c = recipe.calibration
@@ -159,7 +160,7 @@ def cmd_demo(args) -> int:
                                                                     "sha256": file_sha256(work.source)}}, overwrite=True)
         del work
     small = load(ck)
-    print(f"[3/4] perplexity on {args.max_tokens:,} tokens of {Path(source).name}, KL, speed ...", flush=True)
+    print(f"[3/5] perplexity on {args.max_tokens:,} tokens of {Path(source).name}, KL, speed ...", flush=True)
     bw = measure_bandwidth()
     rows = []
     for name, m, path in ((f"{args.model} {args.dtype}", base, base.source), (f"{recipe.name}", small, ck)):
@@ -179,10 +180,27 @@ def cmd_demo(args) -> int:
           f"{100 * (b['perplexity'] / a['perplexity'] - 1):+.1f}%  (bandwidth {bw:.1f} GB/s)")
     paths = write_report(rows, out / "demo", "slimswarm demo")
     print(f"      report: {', '.join(str(p) for p in paths.values())}")
-    print("[4/4] generate with the compressed model (chat template, greedy):", flush=True)
+    print("[4/5] generate with the compressed model (chat template, greedy):", flush=True)
     prompt = "In two sentences, why do teams of AI agents need small models?"
     c = generate(small.model, small.tokenizer, [prompt], SamplingParams(max_tokens=64), chat=True)[0]
     print(f"  user: {prompt}\n  assistant: {c.text.strip()}")
+    if args.no_team:
+        return 0
+    from .agents.specialists import demo_team
+
+    print(f"[5/5] the team: {args.team} on {args.team_items} held-out items, against one uncompressed model ...",
+          flush=True)
+    trows = demo_team(args.team, out / "adapters", args.team_items, log=lambda m: print(m, flush=True))
+    print(markdown_table(trows, ["name", "correct", "accuracy", "latency_p50_s", "latency_p95_s", "tokens",
+                                 "weight_bytes", "adapter_bytes", "kv_bytes", "memory_bytes"]))
+    t, one, copies = trows
+    print(f"      team: {t['memory_bytes'] / one['memory_bytes']:.2f}x the memory of one fp32 model "
+          f"(one model per agent: {copies['memory_bytes'] / one['memory_bytes']:.0f}x); accuracy "
+          f"{t['accuracy']:.0%} vs {one['accuracy']:.0%}")
+    print(f"      answers, team:      {t['answers']}\n      answers, one model: {one['answers']}")
+    paths = write_report([{k: v for k, v in r.items() if k != "answers"} for r in trows], out / "demo_team",
+                         "slimswarm demo (team part)")
+    print(f"      report: {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
@@ -598,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=8192)
     d.add_argument("--recipe", default="w4g128-gptq")
     d.add_argument("--out", default="out")
+    d.add_argument("--team", default=str(Path(__file__).resolve().parents[2] / "examples/teams/customer_service_lora.yaml"),
+                   help="team YAML for the team part (its adapters are trained into OUT/adapters when missing)")
+    d.add_argument("--team-items", type=int, default=12, help="held-out SST-2 + AG News items for the team part")
+    d.add_argument("--no-team", action="store_true", help="skip the team part")
     d.set_defaults(fn=cmd_demo)
 
     sv = sub.add_parser("serve", help="serve a model and its LoRA adapters on an OpenAI-compatible HTTP endpoint")
