@@ -1,7 +1,8 @@
 """LoRA adapters on any linear (float or QuantLinear): add, train, merge, save alone; a bank of many adapters per batch row.
 
 One shared base, many specialists: an adapter is two thin matrices per target linear, ΔW = (α/r)·B·A, stored on its
-own (``adapter.safetensors`` + ``adapter.json``, a few hundred KB for SmolLM2 at r=8). Training freezes the base,
+own (``adapter.safetensors`` + ``adapter.json``: 9.8 MB in fp32 for SmolLM2 at r=8 on all seven projections,
+1.8% of the fp32 base). Training freezes the base,
 so it works on a quantized base too (QLoRA-style: the base's de-quantized weight is used in the forward, gradients
 flow only into A and B). ``AdapterBank`` wraps every target linear once and applies, per batch row, the adapter
 that row's request asked for, so the engine runs different adapters in one forward.

@@ -46,6 +46,79 @@ class QuantizeConfig(BaseModel):
         return v
 
 
+class StructuredConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    heads: float = 0.0  # fraction of key-value head groups to remove (each with its query heads)
+    channels: float = 0.0  # fraction of MLP channels to remove
+    layers: int = Field(0, ge=0)  # how many whole decoder layers to remove (lowest block influence)
+
+    @field_validator("heads", "channels")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"{v} is outside [0, 1)")
+        return v
+
+
+class PruneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    sparsity: float = 0.0  # unstructured fraction of weights set to zero; an N:M pattern implies 1 - N/M
+    pattern: str = "unstructured"  # or "N:M", e.g. "2:4", "4:8": keep N of every M consecutive inputs
+    per_row: bool = True  # compare scores within each output row (Wanda's choice) or across the whole layer
+    structured: StructuredConfig | None = None
+    storage: Literal["sparse", "dense"] = "sparse"  # sparse: SparseLinear modules, so the bytes really shrink
+    targets: list[str] = ["model.layers.*"]  # fnmatch on decoder linear names
+    block: int = Field(128, ge=1)  # SparseGPT column block
+    damp: float = Field(0.01, gt=0, lt=1)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"sparsity {v} is outside [0, 1)")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        from .prune.masks import parse_pattern
+
+        try:
+            parse_pattern(v)
+        except SlimswarmError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneConfig":
+        from .prune.masks import parse_pattern
+
+        nm = parse_pattern(self.pattern)
+        if nm and self.sparsity and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} (which means {1 - nm[0] / nm[1]})")
+        st = self.structured
+        if not nm and not self.sparsity and (st is None or not (st.heads or st.channels or st.layers)):
+            raise ValueError("nothing to prune: set sparsity, an N:M pattern or structured")
+        return self
+
+
+class LowRankConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int | None = Field(None, ge=1)
+    energy: float | None = Field(None, gt=0, le=1)  # keep the smallest rank holding this fraction of Σσ²
+    activation_aware: bool = True  # whiten by the calibration inputs (SVD-LLM / ASVD)
+    whitening: Literal["cholesky", "scale"] = "cholesky"
+    targets: list[str] = ["model.layers.*"]
+    damp: float = Field(0.01, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> "LowRankConfig":
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank or energy")
+        return self
+
+
 class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(64, ge=1)
@@ -55,8 +128,27 @@ class CalibrationConfig(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "custom"
+    prune: PruneConfig | None = None
+    lowrank: LowRankConfig | None = None
     quantize: QuantizeConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
+
+    @model_validator(mode="after")
+    def _composable(self) -> "Recipe":
+        # QuantLinear replaces nn.Linear modules; SparseLinear / LowRankLinear are not quantized (not supported yet).
+        if self.quantize is not None and self.lowrank is not None:
+            raise ValueError("lowrank + quantize is not supported: LowRankLinear factors are not quantized")
+        if self.quantize is not None and self.prune is not None and self.prune.storage == "sparse" and (
+                self.prune.sparsity or self.prune.pattern != "unstructured"):
+            raise ValueError("prune.storage sparse + quantize is not supported: use prune.storage dense "
+                             "(zeros are then quantized like any weight)")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        p, lr, q = self.prune, self.lowrank, self.quantize
+        return bool((p and (p.structured is not None or p.method != "magnitude"))
+                    or (lr and lr.activation_aware) or (q and q.method != "rtn"))
 
 
 _PRESETS = {
@@ -67,6 +159,13 @@ _PRESETS = {
     "w3g128-gptq": {"quantize": {"method": "gptq", "bits": 3, "group_size": 128, "group_fallback": True}},
     "w4g64-rtn": {"quantize": {"method": "rtn", "bits": 4, "group_size": 64}},
     "w4g64-gptq": {"quantize": {"method": "gptq", "bits": 4, "group_size": 64}},
+    "magnitude-50": {"prune": {"method": "magnitude", "sparsity": 0.5}},
+    "wanda-50": {"prune": {"method": "wanda", "sparsity": 0.5}},
+    "sparsegpt-50": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
+    "wanda-2:4": {"prune": {"method": "wanda", "pattern": "2:4"}},
+    "sparsegpt-2:4": {"prune": {"method": "sparsegpt", "pattern": "2:4"}},
+    "struct-25": {"prune": {"structured": {"heads": 0.25, "channels": 0.25}}},
+    "svd-llm-r128": {"lowrank": {"rank": 128, "activation_aware": True}},
 }
 PRESETS = tuple(_PRESETS)
 
@@ -92,6 +191,28 @@ def load_recipe(ref: str) -> Recipe:
     except yaml.YAMLError as e:
         raise SlimswarmError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise SlimswarmError(f"{p}: a recipe is a mapping with keys name, quantize, calibration")
+        raise SlimswarmError(f"{p}: a recipe is a mapping with keys name, prune, lowrank, quantize, calibration")
     data.setdefault("name", p.stem)
     return _validate(data, str(p))
+
+
+def apply_recipe(model, recipe: Recipe, calib=None) -> dict:
+    """Run the recipe's passes in place, in the order prune → lowrank → quantize; returns each pass's metadata.
+
+    Calibration tokens [samples, seq_len] are needed when ``recipe.needs_calibration``."""
+    if recipe.needs_calibration and calib is None:
+        raise SlimswarmError(f"recipe {recipe.name}: needs calibration text")
+    meta: dict = {}
+    if recipe.prune is not None:
+        from .prune.apply import prune_model
+
+        meta["prune"] = prune_model(model, recipe.prune, calib)
+    if recipe.lowrank is not None:
+        from .lowrank import lowrank_model
+
+        meta["lowrank"] = lowrank_model(model, recipe.lowrank, calib)
+    if recipe.quantize is not None:
+        from .quant.apply import quantize_model
+
+        meta["quantization"] = quantize_model(model, recipe.quantize, calib)
+    return meta
