@@ -205,19 +205,22 @@ def cmd_demo(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    """Load, quantize with a recipe (calibrated layer by layer), write an atomic checkpoint, print the report."""
+    """Load, run a recipe (prune → lowrank → distill/lora → quantize, calibrated layer by layer), write an atomic
+    checkpoint, print the report."""
     import time
 
     import torch
 
     from .compress.calibrate import calibration_batch, read_calibration
-    from .compress.quant.apply import is_quantized, quantize_model
-    from .compress.recipe import load_recipe
+    from .compress.quant.apply import is_quantized, layer_plan
+    from .compress.recipe import apply_recipe, load_recipe
     from .evaluate.size import disk_bytes, weight_bytes
     from .models.checkpoint import file_sha256, save_checkpoint
     from .models.load import load
 
     recipe = load_recipe(args.recipe)  # validate before any heavy work
+    if not (recipe.prune or recipe.lowrank or recipe.distill or recipe.lora or recipe.quantize):
+        raise SlimswarmError(f"recipe {recipe.name}: nothing to do (no prune, lowrank, distill, lora or quantize section)")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimswarmError(f"--out {out}: exists and is not an empty folder")
@@ -225,29 +228,33 @@ def cmd_compress(args) -> int:
     loaded = load(args.model, dtype=getattr(torch, args.dtype))
     if loaded.kind == "slimswarm" and is_quantized(loaded.model):
         raise SlimswarmError(f"{args.model}: already quantized; compress its float parent instead")
-    if recipe.quantize is None:
-        raise SlimswarmError(f"recipe {recipe.name}: nothing to do (no quantize section)")
-    q = recipe.quantize
-    # Check every layer's grouping now, so an impossible setting fails before calibration.
-    from .compress.quant.apply import layer_plan
+    # Check every layer's grouping and pruning widths now, so an impossible setting fails before calibration.
+    if recipe.quantize is not None and recipe.prune is None and recipe.lowrank is None:
+        for name, mod in loaded.model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                layer_plan(name, mod, recipe.quantize)
+    if recipe.prune is not None:
+        from .compress.prune.apply import check_plan
 
-    for name, mod in loaded.model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-            layer_plan(name, mod, q)
+        check_plan(loaded.model, recipe.prune)
     calib = None
-    if q.method in ("gptq", "awq"):
+    if recipe.needs_calibration:
         c = recipe.calibration
         calib = calibration_batch(loaded.tokenizer, calib_text, c.samples, c.seq_len,
                                   source=args.calib or "default calibration text")
     before = weight_bytes(loaded.model)
+    params_before = loaded.model.num_parameters()
     t = time.perf_counter()
-    meta = quantize_model(loaded.model, q, calib)
+    meta = apply_recipe(loaded.model, recipe, calib, tokenizer=loaded.tokenizer, text=calib_text)
     secs = time.perf_counter() - t
     parent = {"source": loaded.source, "sha256": file_sha256(loaded.source)}
     save_checkpoint(loaded.model, loaded.tokenizer, out,
-                    {"recipe": recipe.model_dump(), "quantization": meta, "parent": parent,
-                     "calibration": {"source": args.calib or "gsm8k+agnews+sst2 train", "tokens": 0 if calib is None else calib.numel()}})
-    row = {"recipe": recipe.name, "weight_bytes_before": before, "weight_bytes": weight_bytes(loaded.model),
+                    {"recipe": recipe.model_dump(), "quantization": meta.get("quantization", {}),
+                     "passes": {k: v for k, v in meta.items() if k != "quantization"}, "parent": parent,
+                     "calibration": {"source": args.calib or "gsm8k+agnews+sst2 train",
+                                     "tokens": 0 if calib is None else calib.numel()}})
+    row = {"recipe": recipe.name, "params_before": params_before, "params": loaded.model.num_parameters(),
+           "weight_bytes_before": before, "weight_bytes": weight_bytes(loaded.model),
            "disk_bytes": disk_bytes(out), "seconds": round(secs, 1), "out": str(out)}
     print(json.dumps(row) if args.json else _table(row))
     return 0
@@ -551,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser("compress", help="quantize with a recipe into a compressed checkpoint")
+    c = sub.add_parser("compress", help="run a recipe (prune, lowrank, distill/lora, quantize) into a compressed checkpoint")
     model_args(c)
     c.add_argument("--recipe", required=True, help="preset (w8, w4g128-rtn, w4g128-gptq, w4g128-awq, w3g128-gptq, ...) or YAML file")
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty)")

@@ -360,13 +360,14 @@ def _lr_lambda(cfg: DistillConfig) -> Callable[[int], float]:
 
 def distill(teacher: CausalLM | None, student: CausalLM, tokenizer, cfg: DistillConfig, out_dir: str | Path,
             text: str | None = None, resume: bool = True, *, student_tokenizer=None, meta: dict | None = None,
-            on_step: Callable[[dict], None] | None = None) -> DistillResult:
+            on_step: Callable[[dict], None] | None = None, save: bool = True) -> DistillResult:
     """Train ``student`` (in place) towards ``teacher`` on ``text`` (default: the training-split calibration text).
 
     ``tokenizer`` is the teacher's; ``student_tokenizer`` (default: the same) must match it. With ``resume`` an
     existing ``out_dir/train_state.pt`` of the same run is continued exactly; one of another run is an error and
     nothing is overwritten. ``meta`` joins the final checkpoint's slimswarm.json; ``on_step(record)`` is called after
-    every step (after any checkpoint of that step). Works as it is under torchrun (one process a rank)."""
+    every step (after any checkpoint of that step). ``save=False`` (a recipe's recovery pass) writes only the loss log:
+no training checkpoints and no student folder. Works as it is under torchrun (one process a rank)."""
     from .calibrate import default_calibration_text
 
     kd = cfg.mode == "kd"
@@ -486,14 +487,14 @@ def distill(teacher: CausalLM | None, student: CausalLM, tokenizer, cfg: Distill
                 if rank == 0:
                     with open(out / LOG_FILE, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-            if rank == 0 and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+            if rank == 0 and save and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
                 save_state(done)
             if on_step is not None:
                 on_step(rec)
 
         student.eval()
         student_dir = None
-        if rank == 0:
+        if rank == 0 and save:
             from ..models.checkpoint import save_checkpoint
 
             if not (out / PLOT_FILE).exists() and history:

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SlimswarmError
+from .distill import DistillConfig
 
 
 class Override(BaseModel):
@@ -125,13 +126,37 @@ class CalibrationConfig(BaseModel):
     seq_len: int = Field(256, ge=16)
 
 
+class LoRARecoveryConfig(BaseModel):
+    """Recovery fine-tuning with a LoRA (base frozen), trained by distillation from the uncompressed model and merged."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "*.down_proj"]
+    train: DistillConfig = DistillConfig(steps=100, lr=1e-3)
+
+
 class Recipe(BaseModel):
+    """Passes run in this order: prune → lowrank → recovery (distill: the whole student; or lora) → quantize."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = "custom"
     prune: PruneConfig | None = None
     lowrank: LowRankConfig | None = None
+    distill: DistillConfig | None = None  # the compressed model learns from the uncompressed one (teacher)
+    lora: LoRARecoveryConfig | None = None
     quantize: QuantizeConfig | None = None
     calibration: CalibrationConfig = CalibrationConfig()
+
+    @model_validator(mode="after")
+    def _recovery(self) -> "Recipe":
+        if self.distill is not None and self.lora is not None:
+            raise ValueError("give one recovery pass: distill (trains every weight) or lora (trains an adapter)")
+        for name, cfg in (("distill", self.distill), ("lora", self.lora and self.lora.train)):
+            if cfg is not None and cfg.mode == "kd" and self.prune is None and self.lowrank is None:
+                raise ValueError(f"{name}: nothing to recover from (no prune or lowrank pass before it); "
+                                 "quantization runs after recovery")
+        return self
 
     @model_validator(mode="after")
     def _composable(self) -> "Recipe":
@@ -196,13 +221,26 @@ def load_recipe(ref: str) -> Recipe:
     return _validate(data, str(p))
 
 
-def apply_recipe(model, recipe: Recipe, calib=None) -> dict:
-    """Run the recipe's passes in place, in the order prune → lowrank → quantize; returns each pass's metadata.
+def apply_recipe(model, recipe: Recipe, calib=None, tokenizer=None, text: str | None = None) -> dict:
+    """Run the recipe's passes in place, in the order prune → lowrank → distill/lora → quantize; returns each pass's
+    metadata. The one verb of compression (``slimswarm.compress``).
 
-    Calibration tokens [samples, seq_len] are needed when ``recipe.needs_calibration``."""
+    Calibration tokens [samples, seq_len] are needed when ``recipe.needs_calibration``; a distill/lora pass needs the
+    ``tokenizer`` and trains on ``text`` (default: the training-split calibration text)."""
     if recipe.needs_calibration and calib is None:
         raise SlimswarmError(f"recipe {recipe.name}: needs calibration text")
     meta: dict = {}
+    recover = recipe.distill or (recipe.lora.train if recipe.lora is not None else None)
+    teacher = None
+    if recover is not None:
+        if tokenizer is None:
+            raise SlimswarmError(f"recipe {recipe.name}: the distill/lora pass needs the tokenizer")
+        if recover.mode == "kd":
+            import copy
+
+            teacher = copy.deepcopy(model).eval()  # the uncompressed model, before any pass
+            for p in teacher.parameters():
+                p.requires_grad_(False)
     if recipe.prune is not None:
         from .prune.apply import prune_model
 
@@ -211,8 +249,53 @@ def apply_recipe(model, recipe: Recipe, calib=None) -> dict:
         from .lowrank import lowrank_model
 
         meta["lowrank"] = lowrank_model(model, recipe.lowrank, calib)
+    if recover is not None:
+        meta["recovery"] = _recover(model, teacher, tokenizer, recipe, text)
+        del teacher
     if recipe.quantize is not None:
         from .quant.apply import quantize_model
 
         meta["quantization"] = quantize_model(model, recipe.quantize, calib)
     return meta
+
+
+def _recover(model, teacher, tokenizer, recipe: Recipe, text: str | None) -> dict:
+    """Train the compressed ``model`` towards ``teacher`` (distill: every weight; lora: an adapter, then merged)."""
+    import shutil
+    import tempfile
+
+    from .distill import distill
+
+    import torch
+
+    # Pruned zeros stay zeros: training (or a merged dense LoRA delta) would fill them in and undo the sparsity.
+    masks = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, torch.nn.Linear) and w is not None and w.dim() == 2 and (w == 0).float().mean() > 0.01:
+            masks[mod] = w.detach() != 0
+
+    def remask(_rec=None) -> None:
+        with torch.no_grad():
+            for mod, keep in masks.items():
+                mod.weight.mul_(keep)
+
+    work = Path(tempfile.mkdtemp(prefix="slimswarm-recover-"))
+    try:
+        if recipe.lora is not None:
+            from .lora import LoRAConfig, add_lora, merge_lora
+
+            lcfg = LoRAConfig(r=recipe.lora.r, alpha=recipe.lora.alpha, targets=recipe.lora.targets)
+            add_lora(model, lcfg)  # freezes the base: the trainer only sees A and B
+            res = distill(teacher, model, tokenizer, recipe.lora.train, work, text, resume=False, save=False)
+            merged = merge_lora(model)
+            remask()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return {"pass": "lora", "config": recipe.lora.model_dump(), "merged": merged, "history": res.history}
+        res = distill(teacher, model, tokenizer, recipe.distill, work, text, resume=False, save=False, on_step=remask)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return {"pass": "distill", "config": recipe.distill.model_dump(), "history": res.history}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
