@@ -102,3 +102,19 @@ def test_recovery_pass_needs_the_tokenizer(stories):
     recipe = Recipe.model_validate({"prune": {"structured": {"layers": 1}}, "distill": {"steps": 1}})
     with pytest.raises(SlimswarmError, match="needs the tokenizer"):
         apply_recipe(copy.deepcopy(stories.model), recipe, torch.zeros(2, 32, dtype=torch.long))
+
+
+def test_recovered_2of4_model_is_stored_compactly(stories, data_dir):
+    from slimswarm.compress.prune.sparse import SparseLinear
+
+    text = (data_dir / "text/tinystories-sample.txt").read_text()
+    m = copy.deepcopy(stories.model)
+    recipe = Recipe.model_validate({"prune": {"method": "wanda", "pattern": "2:4"},
+                                    "lora": {"r": 4, "train": {**TRAIN, "steps": 3}}})
+    meta = apply_recipe(m, recipe, _calib(stories.tokenizer, data_dir), tokenizer=stories.tokenizer, text=text)
+    sparse = [mod for mod in m.modules() if isinstance(mod, SparseLinear)]
+    assert len(sparse) == 7 * m.config.num_hidden_layers and {s.fmt for s in sparse} == {"nm"}
+    assert all(info["format"] == "nm" for info in meta["prune"]["layers"].values())
+    x = torch.tensor([stories.tokenizer.encode("Once upon a time")])
+    with torch.no_grad():
+        assert torch.isfinite(m(x)).all()

@@ -241,10 +241,16 @@ def apply_recipe(model, recipe: Recipe, calib=None, tokenizer=None, text: str | 
             teacher = copy.deepcopy(model).eval()  # the uncompressed model, before any pass
             for p in teacher.parameters():
                 p.requires_grad_(False)
-    if recipe.prune is not None:
+    prune_cfg = recipe.prune
+    # Recovery trains dense weights: keep pruned linears dense through it, store them compactly afterwards.
+    sparse_later = (recover is not None and prune_cfg is not None and prune_cfg.storage == "sparse"
+                    and bool(prune_cfg.sparsity or prune_cfg.pattern != "unstructured"))
+    if sparse_later:
+        prune_cfg = prune_cfg.model_copy(update={"storage": "dense"})
+    if prune_cfg is not None:
         from .prune.apply import prune_model
 
-        meta["prune"] = prune_model(model, recipe.prune, calib)
+        meta["prune"] = prune_model(model, prune_cfg, calib)
     if recipe.lowrank is not None:
         from .lowrank import lowrank_model
 
@@ -252,6 +258,17 @@ def apply_recipe(model, recipe: Recipe, calib=None, tokenizer=None, text: str | 
     if recover is not None:
         meta["recovery"] = _recover(model, teacher, tokenizer, recipe, text)
         del teacher
+        if sparse_later:
+            from .prune.masks import parse_pattern
+            from .prune.sparse import SparseLinear
+            from .quant.apply import _set
+
+            nm = parse_pattern(recipe.prune.pattern)
+            for name in meta["prune"].get("layers", {}):
+                lin = model.get_submodule(name)
+                sp = SparseLinear.from_dense(lin.weight.detach(), lin.bias, nm)
+                _set(model, name, sp)
+                meta["prune"]["layers"][name]["format"] = sp.fmt
     if recipe.quantize is not None:
         from .quant.apply import quantize_model
 
