@@ -320,3 +320,26 @@ def test_request_running_out_of_time_answers_504(stories):
         assert eng.stats()["timeouts"] == 1 and eng.stats()["active"] == 0
     finally:
         eng.stop()
+
+
+def test_a_team_over_http_gives_the_same_answers_as_on_the_local_engine(server):
+    """Agents never call a model directly: the same team on our server (HTTP) and on the engine agrees token for token."""
+    from slimswarm.agents.backends import EngineBackend, HTTPBackend
+    from slimswarm.agents.config import build_team, parse_config
+    from slimswarm.agents.runner import run_tasks
+
+    cfg = parse_config({
+        "name": "pair", "model": {"base": "stories260k", "adapters": {"poet": "(already in the server and engine)"}},
+        "agents": [{"name": "poet", "adapter": "poet", "params": {"max_tokens": 8}},
+                   {"name": "plain", "system": "Tell a story.", "params": {"max_tokens": 8}}],
+        "teams": [{"name": "chain", "topology": "pipeline", "members": ["poet", "plain"]}],
+        "main": "chain",
+    }, "test team")
+    tasks = [{"id": str(i), "input": t, "expected": None}
+             for i, t in enumerate(["Once upon a time", "The cat sat", "Lily went to the park"])]
+    names = {k: "stories260k" for k in cfg.models}
+    over_http = run_tasks(build_team(cfg), tasks, HTTPBackend(server.url, api_key=KEY, names=names), parallel=3)
+    local = run_tasks(build_team(cfg), tasks, EngineBackend(server.engine), parallel=3)
+    assert [r.status for r in over_http.tasks] == ["ok"] * 3, [r.error for r in over_http.tasks]
+    assert [r.output for r in over_http.tasks] == [r.output for r in local.tasks]
+    assert all(r.output for r in local.tasks)
