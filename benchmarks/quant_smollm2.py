@@ -91,13 +91,20 @@ def main() -> None:
     ap.add_argument("--torchao", default="int8wo,int8dyn,int4wo-g64,intx4-g64",
                     help="torchao 0.18 configs to run beside ours ('' for none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant_smollm2"))
+    ap.add_argument("--speed-only", metavar="DIR",
+                    help="re-measure decode speed (and nothing else) of a finished run's checkpoints in DIR "
+                         "(its temporary folder, printed at the start) in a quiet moment, side by side in one pass")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.speed_only:
+        speed_pass(args)
+        return
     load_start = os.getloadavg()
     text = data_path("text/wikitext-2-raw-test.txt").read_text()
     bw = measure_bandwidth()
     ref = load("smollm2-135m")
     tmp = Path(tempfile.mkdtemp())
+    print(f"checkpoints in {tmp} (for --speed-only)", flush=True)
     rows = []
 
     def measure(name, loaded, disk, extra):
@@ -159,6 +166,46 @@ def main() -> None:
     ok = [r for r in rows if "perplexity" in r]
     notes += [f"{r['name']}: did not run here ({r['error']})" for r in rows if "error" in r]
     paths = write_report(ok, args.out, "python benchmarks/quant_smollm2.py " + " ".join(sys.argv[1:]), notes)
+    print(Path(paths["md"]).read_text())
+
+
+def speed_pass(args) -> None:
+    """Decode tokens/s of every row again, one after the other in one quiet pass: quality columns stay as measured."""
+    import json
+
+    stem = Path(args.out)
+    data = json.loads(stem.with_suffix(".json").read_text())
+    load_start = os.getloadavg()
+    bw = measure_bandwidth()
+    ck = Path(args.speed_only)
+    for row in data["rows"]:
+        name = row["name"]
+        if name.startswith("torchao "):
+            from torchao.quantization import quantize_
+
+            loaded = load("smollm2-135m")
+            quantize_(loaded.model.model.layers, torchao_config(name.split(" ", 1)[1]))
+        elif (ck / name / "slimswarm.json").exists():
+            loaded = load(ck / name)
+        else:
+            print(f"{name}: no checkpoint in {ck}, speed left as it was", flush=True)
+            continue
+        d1 = decode_tokens_per_s(loaded.model, 1, 48)
+        d8 = decode_tokens_per_s(loaded.model, 8, 48)
+        per_tok = decode_bytes_per_token(loaded.model)
+        row.update(decode_tokens_per_s=d1, decode_tokens_per_s_batch8=d8, bytes_per_token=per_tok, bandwidth_gb_s=bw,
+                   roofline_tokens_per_s=bw * 1e9 / per_tok, roofline_fraction=d1 / (bw * 1e9 / per_tok))
+        print(name, round(d1, 2), round(d8, 2), flush=True)
+        del loaded
+    fp = data["rows"][0]
+    for r in data["rows"]:
+        r["decode_speedup_vs_fp32"] = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"]
+    notes = [n for n in data["notes"] if not n.startswith("machine load average")]
+    notes.append(f"decode speeds re-measured in one quiet pass (`--speed-only`): load average {load_start[0]:.1f} at its "
+                 f"start, {os.getloadavg()[0]:.1f} at its end; bandwidth {bw:.1f} GB/s. Perplexity and KL are from the "
+                 "first run (deterministic).")
+    cmd = data["command"] + f" && python benchmarks/quant_smollm2.py --speed-only {ck}"
+    paths = write_report(data["rows"], stem, cmd, notes)
     print(Path(paths["md"]).read_text())
 
 

@@ -9,18 +9,32 @@ os.environ.setdefault("SLIMSWARM_QUIET", "1")
 torch.manual_seed(0)
 
 
+_SHARED = []  # the session models, so every test starts with no KV cache left on them by another test
+
+
 @pytest.fixture(scope="session")
 def stories():
     from slimswarm import load
 
-    return load("stories260k")
+    m = load("stories260k")
+    _SHARED.append(m.model)
+    return m
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     from slimswarm import load
 
-    return load("smollm2-135m")
+    m = load("smollm2-135m")
+    _SHARED.append(m.model)
+    return m
+
+
+@pytest.fixture(autouse=True)
+def _no_cache_left_on_shared_models():
+    for m in _SHARED:
+        m.clear_cache()
+    yield
 
 
 @pytest.fixture(scope="session")

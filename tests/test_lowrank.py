@@ -38,7 +38,8 @@ def real_inputs(stories, data_dir):
     """Inputs of layer 1's gate projection on real text: X [tokens, 64] and the weight."""
     text = (data_dir / "text/tinystories-sample.txt").read_text()
     ids = torch.tensor(stories.tokenizer.encode(text)[:512])[None]
-    m = stories.model
+    m = copy.deepcopy(stories.model)
+    m.clear_cache()  # a plain full-sequence forward, whatever cache earlier tests left on the shared model
     seen = []
     h = m.model.layers[1].mlp.gate_proj.register_forward_hook(lambda mod, i, o: seen.append(i[0][0].detach()))
     with torch.no_grad():

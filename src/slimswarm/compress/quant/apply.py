@@ -115,11 +115,18 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
 
 
 def _run_layer(layer, x, cos, sin, chunk: int = 8):
-    outs = []
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i : i + chunk]
-        outs.append(layer(xb, cos, sin, 0, None, xb.shape[1]))
-    return torch.cat(outs)
+    """One decoder layer over calibration sequences, as plain full-sequence forwards: a KV cache the model may hold
+    (from generation or an engine) is set aside, never written."""
+    attn = layer.self_attn
+    cache, attn.cache = attn.cache, None
+    try:
+        outs = []
+        for i in range(0, x.shape[0], chunk):
+            xb = x[i : i + chunk]
+            outs.append(layer(xb, cos, sin, 0, None, xb.shape[1]))
+        return torch.cat(outs)
+    finally:
+        attn.cache = cache
 
 
 def _collect(layer, x, cos, sin, names: dict[str, nn.Linear], keep_tokens: int = 4096) -> dict[str, dict]:
