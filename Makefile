@@ -27,6 +27,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/gemv_kernels.py
 	$(BIN)/python benchmarks/decode_smollm2.py
 	$(BIN)/python benchmarks/quant_smollm2.py
+	$(BIN)/python benchmarks/prune_distill_smollm2.py
+	$(BIN)/python benchmarks/distill_smollm2.py
+	$(BIN)/python benchmarks/team_throughput.py
+	$(BIN)/python benchmarks/team_quality.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
