@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--speed-only", metavar="DIR",
                     help="re-measure decode speed (and nothing else) of a finished run's checkpoints in DIR "
                          "(its temporary folder, printed at the start) in a quiet moment, side by side in one pass")
+    ap.add_argument("--rows-from", metavar="LOG", help="take the rows an interrupted run printed to LOG; measure the rest")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.speed_only:
@@ -106,6 +107,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     print(f"checkpoints in {tmp} (for --speed-only)", flush=True)
     rows = []
+    if args.rows_from:  # an interrupted run: keep what it measured (quality is deterministic), measure the rest
+        import ast
+
+        for line in Path(args.rows_from).read_text().splitlines():
+            if line.startswith("{'name'"):
+                rows.append(ast.literal_eval(line[: line.rindex("}") + 1]))
+    done = {r["name"] for r in rows}
 
     def measure(name, loaded, disk, extra):
         t = time.perf_counter()
@@ -124,13 +132,15 @@ def main() -> None:
               f"({time.perf_counter() - t:.0f}s)", flush=True)
 
     measure.torchao = args.torchao
-    save_checkpoint(ref.model, ref.tokenizer, tmp / "fp32", {"quantization": {}})
-    measure("fp32", ref, disk_bytes(tmp / "fp32"), {"quantize_s": 0.0})
-    bf = load("smollm2-135m", dtype=torch.bfloat16)
-    save_checkpoint(bf.model, bf.tokenizer, tmp / "bf16", {"quantization": {}})
-    measure("bf16", bf, disk_bytes(tmp / "bf16"), {"quantize_s": 0.0})
-    del bf
-    for preset in args.presets.split(","):
+    if "fp32" not in done:
+        save_checkpoint(ref.model, ref.tokenizer, tmp / "fp32", {"quantization": {}})
+        measure("fp32", ref, disk_bytes(tmp / "fp32"), {"quantize_s": 0.0})
+    if "bf16" not in done:
+        bf = load("smollm2-135m", dtype=torch.bfloat16)
+        save_checkpoint(bf.model, bf.tokenizer, tmp / "bf16", {"quantization": {}})
+        measure("bf16", bf, disk_bytes(tmp / "bf16"), {"quantize_s": 0.0})
+        del bf
+    for preset in [p for p in args.presets.split(",") if p and p not in done]:
         recipe = load_recipe(preset)
         q = load("smollm2-135m")
         calib = None

@@ -54,3 +54,13 @@ def hf_twin(model):
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return hf
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Engine and server tests run many tiny forwards on a shared 2-core box, where OpenMP threads only spin
+    against each other (100 s against 6 s measured here): one torch thread for the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

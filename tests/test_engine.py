@@ -24,13 +24,7 @@ SYSTEM = ("Once upon a time, there was a little girl named Lily. She loved to pl
           "friends and her dog. One day, ")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny model on a shared 2-core box: OpenMP threads only spin against each other (100 s against 6 s here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(tok, prompts):

@@ -21,13 +21,7 @@ KEY = "sk-test-key"
 CHAT = [{"role": "user", "content": "Once upon a time there was a little dog"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny model on a shared 2-core box: OpenMP threads only spin against each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _adapter_state(model, seed):

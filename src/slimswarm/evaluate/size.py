@@ -7,21 +7,37 @@ from pathlib import Path
 import torch
 
 
-def _unique_tensors(model: torch.nn.Module):
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
+def _leaves(t: torch.Tensor):
+    """The plain tensors holding ``t``'s data: a wrapper subclass (torchao's quantized tensors) holds its packed
+    data and scales in inner tensors, and has no storage of its own to measure."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for n in names:
+            yield from _leaves(getattr(t, n))
+    else:
         yield t
+
+
+def _unique_tensors(model: torch.nn.Module, skip: set[int] = frozenset()):
+    seen = set()
+    for top in list(model.parameters()) + list(model.buffers()):
+        if id(top) in skip:
+            continue
+        for t in _leaves(top):
+            key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            yield t
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's persistent weights (tied tensors counted once; KV cache and RoPE tables excluded)."""
     skip = {id(b) for m in model.modules() for n, b in m.named_buffers(recurse=False)
             if n in m._non_persistent_buffers_set}
-    return sum(t.numel() * t.element_size() for t in _unique_tensors(model) if id(t) not in skip)
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model, skip))
 
 
 def decode_bytes_per_token(model) -> int:
