@@ -196,7 +196,7 @@ def speed_pass(args) -> None:
             loaded = load("smollm2-135m")
             quantize_(loaded.model.model.layers, torchao_config(name.split(" ", 1)[1]))
         elif (ck / name / "slimswarm.json").exists():
-            loaded = load(ck / name)
+            loaded = load(ck / name, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
         else:
             print(f"{name}: no checkpoint in {ck}, speed left as it was", flush=True)
             continue
@@ -210,11 +210,11 @@ def speed_pass(args) -> None:
     fp = data["rows"][0]
     for r in data["rows"]:
         r["decode_speedup_vs_fp32"] = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"]
-    notes = [n for n in data["notes"] if not n.startswith("machine load average")]
+    notes = [n for n in data["notes"] if not n.startswith(("machine load average", "decode speeds re-measured"))]
     notes.append(f"decode speeds re-measured in one quiet pass (`--speed-only`): load average {load_start[0]:.1f} at its "
                  f"start, {os.getloadavg()[0]:.1f} at its end; bandwidth {bw:.1f} GB/s. Perplexity and KL are from the "
                  "first run (deterministic).")
-    cmd = data["command"] + f" && python benchmarks/quant_smollm2.py --speed-only {ck}"
+    cmd = data["command"].split(" && ")[0] + f" && python benchmarks/quant_smollm2.py --speed-only {ck}"
     paths = write_report(data["rows"], stem, cmd, notes)
     print(Path(paths["md"]).read_text())
 
