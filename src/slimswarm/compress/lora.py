@@ -495,17 +495,6 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.
     return x, y
 
 
-def _head_logits(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``head(h)`` that autograd can differentiate on a quantized head too: QuantLinear's chunked dequant path writes
-    every chunk of one call into the same scratch tensor, so a large head (SmolLM2's 49k rows) would hand backward
-    an overwritten weight; one fresh de-quantized weight avoids that."""
-    from .quant.linear import QuantLinear
-
-    if isinstance(head, QuantLinear) and torch.is_grad_enabled():
-        return F.linear(h, head.dequantize(h.dtype), None if head.bias is None else head.bias.to(h.dtype))
-    return head(h)
-
-
 def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneConfig,
                   on_log=None) -> FinetuneResult:
     """Add LoRA to ``model`` (float or quantized base) and train it on ``pairs``; the base stays frozen."""
@@ -552,7 +541,7 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneC
             if isinstance(model, CausalLM):
                 # the LM head only where a label is: a completion is a few tokens after a long prompt, and
                 # projecting every prompt position onto the vocabulary is ~20% of SmolLM2's forward FLOPs
-                logits = _head_logits(model.lm_head, model(x, hidden_only=True)[keep])
+                logits = model.lm_head(model(x, hidden_only=True)[keep])
             else:
                 logits = model(x)[keep]
             loss = F.cross_entropy(logits.float(), y[keep])

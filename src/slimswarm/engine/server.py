@@ -203,7 +203,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return None
 
     async def wait_done(request: Request, req, events: asyncio.Queue) -> None:
-        """Until the engine finishes ``req``; a client that hangs up cancels it."""
+        """Until the engine finishes ``req`` (raising its ApiError when it failed); a client that hangs up cancels it."""
+        await _until_done(request, req, events)
+        err = failure(req)
+        if err is not None:
+            raise err
+
+    async def _until_done(request: Request, req, events: asyncio.Queue) -> None:
         try:
             while True:
                 try:
@@ -314,9 +320,6 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             opts = body.stream_options or {}
             return stream(request, req, events, chunk, bool(opts.get("include_usage")), base)
         await wait_done(request, req, events)
-        err = failure(req)
-        if err is not None:
-            raise err
         choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
                   "finish_reason": req.finish_reason,
                   "logprobs": chat_logprobs(req, 0, len(req.tokens)) if req.logprobs else None}
@@ -358,9 +361,6 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             opts = body.stream_options or {}
             return stream(request, req, events, chunk, bool(opts.get("include_usage")), base)
         await wait_done(request, req, events)
-        err = failure(req)
-        if err is not None:
-            raise err
         choice = {"index": 0, "text": req.text, "finish_reason": req.finish_reason,
                   "logprobs": completion_logprobs(req, 0, len(req.tokens)) if req.logprobs else None}
         return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
