@@ -45,15 +45,25 @@ from slimswarm.evaluate.size import disk_bytes, weight_bytes  # noqa: E402
 from slimswarm.evaluate.speed import decode_tokens_per_s  # noqa: E402
 from slimswarm.models.checkpoint import save_checkpoint  # noqa: E402
 
-CONFIGS = {
-    "magnitude-50%": {"method": "magnitude", "sparsity": 0.5},
-    "wanda-50%": {"method": "wanda", "sparsity": 0.5},
-    "sparsegpt-50%": {"method": "sparsegpt", "sparsity": 0.5},
-    "magnitude-2:4": {"method": "magnitude", "pattern": "2:4"},
-    "wanda-2:4": {"method": "wanda", "pattern": "2:4"},
-    "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
-    "struct-layers-8of30": {"structured": {"layers": 8}},  # 8 of 30 layers: 26.7% of the decoder
-    "struct-heads+channels-25%": {"structured": {"heads": 0.25, "channels": 0.25}},
+CONFIGS = {  # name -> recipe sections
+    "magnitude-50%": {"prune": {"method": "magnitude", "sparsity": 0.5}},
+    "wanda-50%": {"prune": {"method": "wanda", "sparsity": 0.5}},
+    "sparsegpt-50%": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
+    "magnitude-2:4": {"prune": {"method": "magnitude", "pattern": "2:4"}},
+    "wanda-2:4": {"prune": {"method": "wanda", "pattern": "2:4"}},
+    "sparsegpt-2:4": {"prune": {"method": "sparsegpt", "pattern": "2:4"}},
+    "wanda-4:8": {"prune": {"method": "wanda", "pattern": "4:8"}},
+    # structured ~25%: whole layers (block influence) vs heads + channels
+    "struct-layers-8of30": {"prune": {"structured": {"layers": 8}}},  # 8 of 30 layers: 26.7% of the decoder
+    "struct-layers-10of30": {"prune": {"structured": {"layers": 10}}},  # >= 25% of all bytes (embeddings included)
+    "struct-heads+channels-25% (global rank)": {"prune": {"structured": {"heads": 0.25, "channels": 0.25,
+                                                                          "scope": "global"}}},
+    "struct-heads+channels-25% (per layer)": {"prune": {"structured": {"heads": 0.25, "channels": 0.25}}},
+    "struct-heads25+channels35 (per layer)": {"prune": {"structured": {"heads": 0.25, "channels": 0.35}}},
+    # low-rank: activation-aware SVD (whitened by the calibration inputs) of every decoder linear at rank 128
+    # (the KV projections, 576x192, would not shrink at that rank and stay dense), and of the MLPs at rank 192
+    "svd-llm-r128": {"lowrank": {"rank": 128}},
+    "svd-llm-mlp-r192": {"lowrank": {"rank": 192, "targets": ["*.mlp.*"]}},
 }
 QUICK = ["magnitude-50%", "wanda-2:4", "struct-layers-8of30"]
 
@@ -103,8 +113,9 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"unknown config {unknown[0]!r} (known: {', '.join(CONFIGS)})")
-    torch.set_num_threads(2)
-    command = "nice .venv/bin/python benchmarks/prune_distill_smollm2.py " + " ".join(map(shlex.quote, sys.argv[1:]))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} nice .venv/bin/python "
+               "benchmarks/prune_distill_smollm2.py ") + " ".join(map(shlex.quote, sys.argv[1:]))
     text, source = default_eval_text()
     ref = load("smollm2-135m")
     calib = calibration_batch(ref.tokenizer, None, args.calib_samples, 256)
@@ -136,18 +147,19 @@ def main() -> None:
     save_checkpoint(ref.model, ref.tokenizer, tmp / "dense", {"recipe": None})
     measure("dense", tmp / "dense", {"prune_s": 0.0})
     for name in names:
-        recipe = _validate({"name": name, "prune": CONFIGS[name]}, name)
+        recipe = _validate({"name": name, **CONFIGS[name]}, name)
         work = load("smollm2-135m")
         t = time.perf_counter()
         meta = apply_recipe(work.model, recipe, calib)
         secs = time.perf_counter() - t
-        out = save_checkpoint(work.model, work.tokenizer, tmp / name.replace(":", "-"),
-                              {"recipe": recipe.model_dump(), "pruning": meta.get("prune", {})})
+        out = save_checkpoint(work.model, work.tokenizer, tmp / "".join(c if c.isalnum() or c in "-_" else "_" for c in name),
+                              {"recipe": recipe.model_dump(), "pruning": meta.get("prune", {}),
+                               "lowrank": meta.get("lowrank", {})})
         if not args.distill_steps:
             del work  # measure() reloads from disk; two resident 135M models plus logits once hit the OOM killer
             gc.collect()
         measure(name, out, {"prune_s": round(secs, 1)})
-        if args.distill_steps and recipe.prune.structured is not None:
+        if args.distill_steps and recipe.prune is not None and recipe.prune.structured is not None:
             from slimswarm.compress.distill import DistillConfig, distill
 
             cfg = DistillConfig(steps=args.distill_steps, batch_size=4, seq_len=256, save_every=0)
@@ -185,8 +197,9 @@ def main() -> None:
         f"Decode tokens/s: batch 1, 32 new tokens, median of {args.speed_rounds} interleaved rounds; the host has 2 cores "
         f"shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end of this run), so absolute speeds "
         "are low and noisy; compare rows only as ratios.",
-        "Structured rows really shrink parameters, bytes and decode time (smaller tensors, fewer layers); they are "
-        "reported without any healing fine-tune (--distill-steps 0).",
+        "Structured and low-rank rows really shrink parameters, bytes and decode time (smaller or fewer tensors). They "
+        "are reported here without any healing fine-tune (--distill-steps 0); distill_smollm2*.md has the same students "
+        "after distillation (KD vs CE at equal tokens).",
     ]
     cols = ["name", "perplexity", "delta_ppl_pct", "kl", "top1_agreement", "params", "nonzero_params", "weight_bytes",
             "runtime_weight_bytes", "disk_bytes", "disk_vs_dense", "decode_tokens_per_s", "decode_speedup", "prune_s"]

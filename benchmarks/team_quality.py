@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path("out/team_quality")
 INT4 = "w4g128-rtn"
+GSM8K_TOKENS = 256  # a worked solution: GSM8K's are ~110 tokens on average
 MAX_LEN = 512  # the longest AG News prompt is ~200 tokens: a short context keeps the KV cache small
 REVIEW_WORDS = ["film", "movie", "story", "characters", "funny", "comedy", "director", "performances", "audience",
                 "drama", "script", "cinema", "screen", "actors", "plot", "entertaining", "boring"]
@@ -69,6 +70,8 @@ def team_config(adapters: dict[str, Path], base: str) -> dict:
                  "adapters": {"sentiment": a[f"sentiment-{INT4}"], "topic": a[f"topic-{INT4}"],
                               "sentiment-fp32": a["sentiment"], "topic-fp32": a["topic"]}},
     }
+    if f"math-{INT4}" in a:
+        models["int4"]["adapters"]["math"] = a[f"math-{INT4}"]
     agents = []
     for role, task in (("sentiment", "sst2"), ("topic", "agnews")):
         p = {"max_tokens": 3}
@@ -85,6 +88,11 @@ def team_config(adapters: dict[str, Path], base: str) -> dict:
             {"name": f"{role}_int4_t07", "system": sysp, "model": "int4", "adapter": role,
              "params": {**p, "temperature": 0.7, "seed": 1}},
         ]
+    gp = {"max_tokens": GSM8K_TOKENS}
+    agents += [{"name": "base_gsm8k", "system": SYSTEM["gsm8k"], "model": "fp32", "params": gp}]
+    if f"math-{INT4}" in a:
+        agents += [{"name": "math_int4", "system": SYSTEM["gsm8k"], "model": "int4", "adapter": "math", "params": gp,
+                    "capabilities": ["math"]}]
     agents.append({"name": "router", "model": "fp32", "params": {"max_tokens": 6},
                    "system": "You route requests to a specialist. Answer with exactly one name."})
     return {"name": "team_quality", "models": models, "agents": agents, "teams": [{"name": "x", "topology": "pipeline",
@@ -270,7 +278,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="48 SST-2 + 48 AG News items, 48 mixed: a smoke run")
     ap.add_argument("--sst2", type=int, default=872)
     ap.add_argument("--agnews", type=int, default=500)
+    ap.add_argument("--gsm8k", type=int, default=100, help="GSM8K test items (worked solutions: ~100x the tokens)")
     ap.add_argument("--mixed", type=int, default=240, help="items in the router stream (half SST-2, half AG News)")
+    ap.add_argument("--router-train", type=int, default=240,
+                    help="train-split items (half SST-2, half AG News) the learned routers learn from before the test stream")
     ap.add_argument("--lam", type=float, default=1.0, help="router reward = correct − λ·cost·tokens/1000")
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--adapters", default="out/adapters", help="where specialists are cached (trained when missing)")
@@ -292,6 +303,7 @@ def main() -> int:
         return 0
     if args.quick:
         args.sst2 = args.agnews = args.mixed = 48
+        args.gsm8k, args.router_train = 8, 48
     sections = set(args.sections.split(","))
     log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
     log("specialists:")
@@ -302,7 +314,7 @@ def main() -> int:
     from slimswarm.agents.config import ModelSpec
     from slimswarm.agents.runner import load_engine
     from slimswarm.evaluate.size import weight_bytes
-    from slimswarm.tasks import LABELS
+    from slimswarm.tasks import LABELS, load_task
 
     cfg = team_config(adapters, args.base)
     engines = {}
@@ -314,23 +326,27 @@ def main() -> int:
                 engines[k] = load_engine(ModelSpec(**spec))
         return EngineBackend(engines)
 
-    tag = cache_tag(args.base, specs)
+    tag = cache_tag(args.base, [s for s in specs if s.role != "math"])  # router + memory: sentiment and topic
     rows: list[dict] = []
     if "quality" in sections:
         single = {"zero-shot base fp32": ("base_{task}", None), "specialist fp32": ("{role}_fp32", None),
                   f"specialist {INT4}": ("{role}_int4", None),
                   f"panel of 3 ({INT4})": (None, ["{role}_int4", "{role}_int4_xfer", "{role}_int4_t07"])}
-        for task, role, n in (("sst2", "sentiment", args.sst2), ("agnews", "topic", args.agnews)):
+        math_only = {"zero-shot base fp32": ("base_gsm8k", None), f"specialist {INT4}": ("math_int4", None)}
+        for task, role, n in (("sst2", "sentiment", args.sst2), ("agnews", "topic", args.agnews),
+                              ("gsm8k", "math", args.gsm8k)):
             items = items_for(task, n)
-            for name, (one, voters) in single.items():
+            # cached per task, by the specs of that task's adapters only
+            ttag = cache_tag(args.base, [s for s in specs if s.task == task])
+            for name, (one, voters) in (math_only if task == "gsm8k" else single).items():
                 if voters:
                     team = {"name": "t", "topology": "vote", "vote": "majority",
                             "members": [v.format(role=role) for v in voters]}
                 else:
                     team = {"name": "t", "topology": "pipeline", "members": [one.format(task=task, role=role)]}
-                key = quality_key(tag, task, len(items), name)
+                key = quality_key(ttag, task, len(items), name)
                 log(f"{task}: {name} on {len(items)} items ...")
-                res = cached(key, lambda: run_team(build(cfg, team, LABELS[task]), items, backend()))
+                res = cached(key, lambda: run_team(build(cfg, team, LABELS.get(task, [])), items, backend()))
                 log(f"  accuracy {res['accuracy']:.3f} [{res['ci_low']:.3f}, {res['ci_high']:.3f}], "
                     f"p50 {res['latency_p50_s']:.2f}s, {res['wall_s']:.0f}s")
                 rows.append({"section": "quality", "task": task, "config": name, **res})
@@ -349,16 +365,37 @@ def main() -> int:
         feats = {"review": REVIEW_WORDS, "news": NEWS_WORDS}
         routers = {
             "router: fixed rule": {"type": "rule", "rules": {"topic_fp32": NEWS_WORDS}, "default": "sentiment_fp32"},
-            "router: learned (LinUCB)": {"type": "bandit", "features": feats, "alpha": 0.5, "lambda": args.lam},
+            "router: learned (LinUCB, keywords)": {"type": "bandit", "features": feats, "alpha": 0.5,
+                                                   "lambda": args.lam},
+            "router: learned (LinUCB, hashed words)": {"type": "bandit", "hashed": 256, "alpha": 0.5,
+                                                       "lambda": args.lam},
             "router: prompt (base model)": {"type": "prompt", "agent": "router"},
         }
+        # the learned routers first learn from a stream of train-split items (bandit feedback: only the chosen arm's
+        # reward), then keep learning on the test stream that is scored; train and test items never overlap
+        warm = load_task("sst2", "train", args.router_train // 2, seed=7) + \
+            load_task("agnews", "train", args.router_train - args.router_train // 2, seed=7)
+        random.Random(7).shuffle(warm)
         labels = LABELS["sst2"] + LABELS["agnews"]
         for name, r in routers.items():
             team = {"name": "desk", "topology": "route", "members": arms, "router": r}
-            key = f"router-{tag}-{len(mixed)}-{args.lam}-{name}".replace(" ", "_").replace("(", "").replace(")", "")
-            log(f"mixed stream: {name} on {len(mixed)} items ...")
+            learned = r["type"] in ("bandit", "epsilon")
+            key = (f"router-{tag}-{len(mixed)}-{args.lam}-{len(warm) if learned else 0}-{name}"
+                   .replace(" ", "_").replace("(", "").replace(")", "").replace(",", ""))
+            log(f"mixed stream: {name} on {len(mixed)} items"
+                f"{f' after {len(warm)} train-split items' if learned else ''} ...")
+
+            def go(team=team, learned=learned):
+                t = build(cfg, team, labels, costs)
+                pre = _route_run(t, warm, b) if learned else None
+                res = _route_run(t, mixed, b)
+                if pre is not None:
+                    res.update(train_items=pre["items"], train_accuracy=pre["accuracy"],
+                               train_arm_counts=pre["arm_counts"])
+                return res
+
             # parallel 1: the bandit sees each reward before its next choice, as it would in a live stream
-            res = cached(key, lambda: _route_run(build(cfg, team, labels, costs), mixed, b))
+            res = cached(key, go)
             log(f"  accuracy {res['accuracy']:.3f}, cost/item {res['cost_per_item']:.4f}, arms {res['arm_counts']}")
             rows.append({"section": "router", "task": "mixed", "config": name, **res})
 
@@ -397,7 +434,9 @@ def main() -> int:
              "saved int4 checkpoint); N copies computed as N x the single fp32 model, not loaded; adapter_bytes is "
              "the AdapterBank's resident stacks (one zero slot included); KV = 8 rows x 512 tokens",
              "router: arms = {sentiment, topic} x {fp32 (cost 1), int4 (cost = int4/fp32 weight bytes)}, reward = "
-             "correct - lambda*cost*tokens/1000; one task at a time so the bandit learns before its next choice"]
+             "correct - lambda*cost*tokens/1000; one task at a time so the bandit learns before its next choice; the learned "
+             f"routers first learn online from {args.router_train} train-split items (train_accuracy: on that stream), "
+             "then are scored on the test stream while still learning"]
     paths = write(rows, Path(args.out), cmd, notes, Path(args.base).name)
     log(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
@@ -430,7 +469,7 @@ def write(rows: list[dict], stem: Path, cmd: str, notes: list[str], model: str) 
     cols = {"quality": ["task", "config", "items", "accuracy", "ci_low", "ci_high", "latency_p50_s", "latency_p95_s",
                         "tokens_per_item", "generated_per_item", "calls_per_item", "items_per_s", "failed"],
             "router": ["config", "items", "accuracy", "ci_low", "ci_high", "cost_per_item", "tokens_per_item",
-                       "arm_counts", "latency_p50_s"],
+                       "arm_counts", "train_items", "train_accuracy", "latency_p50_s"],
             "memory": ["config", "agents", "adapters", "weight_bytes", "adapter_bytes", "kv_bytes",
                        "weights_kv_adapters_bytes", "n_copies_bytes", "bytes_vs_one_model", "peak_rss_bytes",
                        "rss_end_bytes", "n_copies_rss_bytes", "rss_vs_one_model"]}

@@ -12,7 +12,8 @@ from slimswarm.agents import Agent, BackendError, ScriptedBackend, Team
 from slimswarm.agents.answers import Extractor, final_number, find_label
 from slimswarm.agents.backends import Completion, HTTPBackend, ReplayBackend, ReplayDivergence
 from slimswarm.agents.config import build_team, parse_config
-from slimswarm.agents.router import EpsilonGreedyRouter, KeywordFeatures, LinUCBRouter, RuleRouter, reward
+from slimswarm.agents.router import (EpsilonGreedyRouter, HashedWordFeatures, KeywordFeatures, LinUCBRouter,
+                                     RuleRouter, reward)
 from slimswarm.agents.runner import replay, run_tasks
 from slimswarm.agents.runtime import TaskContext
 from slimswarm.agents.topologies import parse_subtasks
@@ -346,7 +347,8 @@ def _synthetic_bandit(router, rounds, seed, lam=0.3):
 @pytest.mark.parametrize("make", [
     lambda f: LinUCBRouter(ARMS, f, alpha=0.5),
     lambda f: EpsilonGreedyRouter(ARMS, f, epsilon=0.1, seed=0),
-], ids=["linucb", "epsilon-greedy"])
+    lambda f: LinUCBRouter(ARMS, HashedWordFeatures(64), alpha=0.5),
+], ids=["linucb", "epsilon-greedy", "linucb-hashed-words"])
 def test_learned_router_improves_over_rounds_and_beats_random(make):
     feats = KeywordFeatures({"review": ["review", "sentiment"], "news": ["news", "topic"], "math": ["math", "sum"]})
     r, best = _synthetic_bandit(make(feats), 800, seed=1)
@@ -354,6 +356,23 @@ def test_learned_router_improves_over_rounds_and_beats_random(make):
     assert r[-200:].mean() > r[:50].mean() + 0.05  # reward improves over rounds
     assert r[-200:].mean() > rand.mean() + 0.3  # and beats picking at random (~0.2 here)
     assert best[-200:].mean() > 0.9  # seed 1: both settle on s, t and the int4 arm for math
+
+
+def test_linucb_keeps_the_exact_ridge_inverse_and_hashed_features_are_stable():
+    f = HashedWordFeatures(32)
+    x = f("Stocks fell on Monday, Reuters said")
+    assert x.shape == (33,) and x[0] == 1.0 and np.linalg.norm(x[1:]) == pytest.approx(1.0)
+    assert np.array_equal(x, HashedWordFeatures(32)("stocks FELL on monday reuters said"))  # case/punctuation blind
+    r = LinUCBRouter(["a", "b"], f, alpha=0.7)
+    texts = ["a great film", "shares rose", "the movie was dull", "oil prices climb", "a great film"]
+    A = np.eye(33)
+    for i, t in enumerate(texts):
+        r.update(t, "a", float(i % 2))
+        A += np.outer(f(t), f(t))
+    np.testing.assert_allclose(r.A_inv[0], np.linalg.inv(A), atol=1e-10)  # Sherman–Morrison == the inverse
+    np.testing.assert_array_equal(r.A_inv[1], np.eye(33))
+    with pytest.raises(SlimswarmError, match="hashed"):
+        f.key("x")
 
 
 def test_rule_router_and_route_topology_feedback():

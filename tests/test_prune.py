@@ -170,13 +170,18 @@ def test_removing_channels_and_layers_shrinks_exactly_and_equals_zeroed_model(st
     torch.testing.assert_close(logits(pruned, ids), logits(masked, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_structured_prune_from_calibration_matches_config_sizes(stories, calib):
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_structured_prune_from_calibration_matches_config_sizes(stories, calib, scope):
     m = copy.deepcopy(stories.model)
-    meta = structured_prune(m, calib, heads=0.25, channels=0.25, layers=1)
+    meta = structured_prune(m, calib, heads=0.25, channels=0.25, layers=1, scope=scope)
     cfg = m.config
     assert cfg.num_hidden_layers == 4 and len(meta["layers_removed"]) == 1
     assert sum(cfg.kv_heads(i) for i in range(4)) == 16 - round(0.25 * 16)
-    assert sum(cfg.intermediate(i) for i in range(4)) == 4 * 172 - round(0.25 * 4 * 172)
+    if scope == "layer":  # every layer loses the same share
+        assert [cfg.kv_heads(i) for i in range(4)] == [3] * 4
+        assert [cfg.intermediate(i) for i in range(4)] == [172 - round(0.25 * 172)] * 4
+    else:
+        assert sum(cfg.intermediate(i) for i in range(4)) == 4 * 172 - round(0.25 * 4 * 172)
     hd, h = cfg.head_dim, cfg.hidden_size
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     per_layer = [2 * h + cfg.kv_heads(i) * hd * h * (2 * g + 2) + 3 * h * cfg.intermediate(i) for i in range(4)]

@@ -16,8 +16,10 @@ from slimswarm.agents.specialists import (
     baseline_config,
     cached,
     compare_runs,
+    default_specs,
     demo_items,
     ensure_specialists,
+    full_spec,
     lora_targets,
 )
 from slimswarm.errors import SlimswarmError
@@ -53,6 +55,25 @@ def test_cached_adapter_is_reused_only_when_its_spec_matches(tiny_adapter, tmp_p
     assert (path / "adapter.safetensors").stat().st_mtime_ns == before and "reusing" in logs[0]
     with pytest.raises(SlimswarmError, match="specialist role"):
         SpecialistSpec("poetry")
+
+
+def test_default_specs_cover_three_roles_and_the_math_one_trains_on_gsm8k_solutions(tmp_path):
+    names = [s.name for s in default_specs()]
+    assert names == ["sentiment-w4g128-rtn", "topic-w4g128-rtn", "sentiment", "topic", "math-w4g128-rtn"]
+    assert all(s.steps == 30 for s in default_specs(quick=True)) and len(default_specs(quick=True)) == 4
+    m = full_spec("math", quantize="w4g128-rtn")
+    assert m.task == "gsm8k" and m.upper_layers == 10 and m.max_len >= 256
+    with pytest.raises(SlimswarmError, match="specialist role 'poetry'"):
+        full_spec("poetry")
+    # the math specialist learns GSM8K's worked solutions, '<<...>>' calculator marks removed, ending in '#### n'
+    from slimswarm.tasks import gsm8k_solutions, load_task, target_for
+
+    item = load_task("gsm8k", "train", n=1, seed=3)[0]
+    target = target_for(item, gsm8k_solutions()[item.id])
+    assert target.endswith(f"#### {item.label}") and "<<" not in target
+    spec = SpecialistSpec("math", **{**TINY, "max_len": 160})
+    path = ensure_specialists([spec], tmp_path, log=lambda s: None)[spec.name]
+    assert json.loads((path / "adapter.json").read_text())["train"]["task"] == "gsm8k"
 
 
 def test_engine_serves_the_trained_adapter_through_a_team_yaml(tiny_adapter):

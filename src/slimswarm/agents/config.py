@@ -60,6 +60,7 @@ class RouterSpec(_Strict):
     type: Literal["rule", "bandit", "epsilon", "prompt"] = "rule"
     rules: dict[str, list[str]] = {}  # member -> keywords (rule router); also the default bandit features
     features: dict[str, list[str]] = {}  # feature group -> keywords (bandit routers)
+    hashed: int = Field(0, ge=0)  # bandit router: hashed word uni/bigram features in this many buckets, not keywords
     agent: str | None = None  # prompt router: who picks
     alpha: float = Field(1.0, ge=0)
     epsilon: float = Field(0.1, ge=0, le=1)
@@ -229,7 +230,10 @@ def _router(spec: RouterSpec, members: list[str], agents: dict[str, Agent]):
     elif spec.type == "prompt":
         r = R.PromptRouter(members, agents[spec.agent])
     else:
-        feats = R.KeywordFeatures(spec.features or spec.rules or {"any": []})
+        if spec.hashed and spec.type == "epsilon":
+            raise SlimswarmError("router: hashed features need type 'bandit' (the epsilon router keys on keyword groups)")
+        feats = R.HashedWordFeatures(spec.hashed) if spec.hashed else \
+            R.KeywordFeatures(spec.features or spec.rules or {"any": []})
         r = R.LinUCBRouter(members, feats, spec.alpha) if spec.type == "bandit" else \
             R.EpsilonGreedyRouter(members, feats, spec.epsilon, spec.seed)
     r.lam = spec.lam

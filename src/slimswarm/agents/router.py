@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import zlib
 
 import numpy as np
 
@@ -33,6 +34,34 @@ class KeywordFeatures:
         return "+".join(n for n, v in zip(self.names, x) if v) or "none"
 
 
+class HashedWordFeatures:
+    """Word unigrams and bigrams hashed into ``dim`` buckets (CRC32, stable across runs), L2-normalised, plus a bias
+    of 1: a context a learned router can separate task kinds with when no keyword list does."""
+
+    WORD = re.compile(r"[a-z0-9']+")
+
+    def __init__(self, dim: int = 256):
+        if dim < 1:
+            raise SlimswarmError(f"router features: hashed dim {dim} must be >= 1")
+        self.dim_words = dim
+
+    @property
+    def dim(self) -> int:
+        return self.dim_words + 1
+
+    def __call__(self, text: str) -> np.ndarray:
+        words = self.WORD.findall(text.lower())
+        v = np.zeros(self.dim_words)
+        for w in words + [a + " " + b for a, b in zip(words, words[1:])]:
+            v[zlib.crc32(w.encode()) % self.dim_words] += 1.0
+        n = np.linalg.norm(v)
+        return np.concatenate([[1.0], v / n if n else v])
+
+    def key(self, text: str) -> str:
+        raise SlimswarmError("router: hashed word features have no discrete contexts; use the bandit (LinUCB) router "
+                             "or keyword features with the epsilon router")
+
+
 class Router:
     """choose(text) -> arm name; update(text, arm, reward) learns (no-op for fixed routers)."""
 
@@ -52,20 +81,20 @@ class LinUCBRouter(Router):
     """Disjoint LinUCB (Li et al. 2010): per arm a ridge regression of reward on features, picking the arm with the
     highest upper confidence bound θ·x + α·sqrt(xᵀA⁻¹x). Ties break to the first arm, so runs are reproducible."""
 
-    def __init__(self, arms: list[str], features: KeywordFeatures, alpha: float = 1.0):
+    def __init__(self, arms: list[str], features, alpha: float = 1.0):
         super().__init__(arms)
         self.features, self.alpha = features, alpha
         d = features.dim
-        self.A = [np.eye(d) for _ in arms]
+        self.A_inv = [np.eye(d) for _ in arms]  # (I + Σ x xᵀ)⁻¹, kept by Sherman–Morrison: O(d²) a step, no inverse
         self.b = [np.zeros(d) for _ in arms]
         self._lock = threading.Lock()
 
     def scores(self, text: str) -> np.ndarray:
         x = self.features(text)
         out = []
-        for A, b in zip(self.A, self.b):
-            inv = np.linalg.inv(A)
-            out.append(float(inv @ b @ x + self.alpha * np.sqrt(x @ inv @ x)))
+        for inv, b in zip(self.A_inv, self.b):
+            ax = inv @ x
+            out.append(float(b @ ax + self.alpha * np.sqrt(max(float(x @ ax), 0.0))))
         return np.array(out)
 
     def choose(self, text: str, ctx=None) -> str:
@@ -76,7 +105,8 @@ class LinUCBRouter(Router):
         x = self.features(text)
         i = self.arms.index(arm)
         with self._lock:
-            self.A[i] += np.outer(x, x)
+            ax = self.A_inv[i] @ x
+            self.A_inv[i] -= np.outer(ax, ax) / (1.0 + float(x @ ax))
             self.b[i] += reward * x
 
 

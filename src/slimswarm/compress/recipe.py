@@ -52,6 +52,9 @@ class StructuredConfig(BaseModel):
     heads: float = 0.0  # fraction of key-value head groups to remove (each with its query heads)
     channels: float = 0.0  # fraction of MLP channels to remove
     layers: int = Field(0, ge=0)  # how many whole decoder layers to remove (lowest block influence)
+    # "layer": every layer loses the same fraction of heads/channels; "global": rank them across all layers at once.
+    # On SmolLM2-135M, 40% of the channels: WikiText-2 ppl 86 per layer vs 2,916 global (benchmarks/prune_distill_smollm2).
+    scope: Literal["layer", "global"] = "layer"
 
     @field_validator("heads", "channels")
     @classmethod

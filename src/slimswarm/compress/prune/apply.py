@@ -69,7 +69,8 @@ def prune_model(model, cfg, calib: torch.Tensor | None = None) -> dict:
     if cfg.structured is not None and (cfg.structured.heads or cfg.structured.channels or cfg.structured.layers):
         st = cfg.structured
         nm = parse_pattern(cfg.pattern)
-        meta["structured"] = structured_prune(model, calib, st.heads, st.channels, st.layers, nm[1] if nm else 1)
+        meta["structured"] = structured_prune(model, calib, st.heads, st.channels, st.layers, nm[1] if nm else 1,
+                                               scope=st.scope)
     nm = parse_pattern(cfg.pattern)
     if not (unstructured_sparsity(cfg) > 0):
         return meta

@@ -8,8 +8,11 @@ Scores come from one calibration pass over the unpruned model:
 * MLP channel j: ||h_j||₂ · ||W_down[:, j]||₂, with h the down projection's input (Wanda's score for a column);
 * layer i: block influence 1 − mean_tokens cos(x_in, x_out) (Men et al., 2024, "ShortGPT").
 
-Heads and channels are ranked across all layers at once (the scores are in the same residual-stream units), so
-a layer may lose more or fewer than the average, or all of them (``DecoderLayer`` then skips that half).
+By default every layer loses the same fraction of its head groups and channels, its lowest-scoring ones
+(``scope="layer"``). ``scope="global"`` ranks them across all layers at once instead (the scores are in the same
+residual-stream units), so a layer may lose more or fewer than the average, or all of them (``DecoderLayer`` then
+skips that half); on SmolLM2-135M that is far worse: 40% of the channels gives WikiText-2 perplexity 2,916 ranked
+globally against 86 per layer, because a few layers lose nearly all their channels.
 """
 
 from __future__ import annotations
@@ -137,8 +140,11 @@ def structured_scores(model, calib: torch.Tensor) -> dict[str, list[torch.Tensor
     return {"heads": heads, "channels": chans, "block_influence": torch.stack(bi)}
 
 
-def _global_lowest(scores: list[torch.Tensor], fraction: float) -> list[list[int]]:
-    """Per layer, the indices among the globally lowest ``fraction`` of all scores."""
+def _lowest(scores: list[torch.Tensor], fraction: float, scope: str = "layer") -> list[list[int]]:
+    """Per layer, the indices among the lowest ``fraction`` of all scores (``scope="global"``) or of that layer's
+    own scores (``scope="layer"``: every layer loses the same fraction)."""
+    if scope == "layer":
+        return [torch.argsort(s, stable=True)[:int(round(fraction * len(s)))].tolist() for s in scores]
     flat = torch.cat(scores)
     k = int(round(fraction * flat.numel()))
     owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(scores)])
@@ -151,10 +157,12 @@ def _global_lowest(scores: list[torch.Tensor], fraction: float) -> list[list[int
 
 @torch.no_grad()
 def structured_prune(model, calib: torch.Tensor, heads: float = 0.0, channels: float = 0.0, layers: int = 0,
-                     multiple: int = 1) -> dict:
+                     multiple: int = 1, scope: str = "layer") -> dict:
     """Remove the ``layers`` least influential layers, then the lowest ``heads`` fraction of KV head groups and
     ``channels`` fraction of MLP channels (of what remains); returns what was removed.
 
+    ``scope``: "layer" removes the same fraction from every layer; "global" ranks heads and channels across all
+    layers at once.
     ``multiple``: each layer keeps a multiple of this many channels (the nearest one to the global choice), so a
     later N:M pass or kernel still divides the width."""
     for name, v in (("heads", heads), ("channels", channels)):
@@ -174,7 +182,7 @@ def structured_prune(model, calib: torch.Tensor, heads: float = 0.0, channels: f
         meta["layers_removed"] = drop
         meta["block_influence"] = [round(float(v), 5) for v in sc["block_influence"]]
     if heads:
-        drop = _global_lowest([sc["heads"][i] for i in keep_layers], heads)
+        drop = _lowest([sc["heads"][i] for i in keep_layers], heads, scope)
         for li, d in enumerate(drop):
             if d:
                 n_kv = model.model.layers[li].self_attn.n_kv
@@ -182,7 +190,7 @@ def structured_prune(model, calib: torch.Tensor, heads: float = 0.0, channels: f
         meta["kv_heads"] = [model.config.kv_heads(i) for i in range(model.config.num_hidden_layers)]
     if channels:
         scores = [sc["channels"][i] for i in keep_layers]
-        drop = _global_lowest(scores, channels)
+        drop = _lowest(scores, channels, scope)
         for li, d in enumerate(drop):
             width = len(scores[li])
             n_keep = int(round((width - len(d)) / multiple)) * multiple
