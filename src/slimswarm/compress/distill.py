@@ -347,13 +347,14 @@ class DistillResult:
     resumed_from: int = 0  # the step the run continued from (0: a fresh start)
 
 
-def _lr_lambda(cfg: DistillConfig) -> Callable[[int], float]:
+def warmup_cosine(warmup: int, steps: int, floor: float = MIN_LR_RATIO) -> Callable[[int], float]:
+    """The learning-rate factor at a step: linear warmup over ``warmup`` steps, then a cosine from 1 down to
+    ``floor`` at ``steps`` (held there after). Distillation and LoRA fine-tuning share it."""
     def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        span = max(1, cfg.steps - cfg.warmup)
-        frac = min(1.0, (step - cfg.warmup) / span)
-        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * frac))
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
     return f
 
@@ -416,7 +417,7 @@ no training checkpoints and no student folder. Works as it is under torchrun (on
         no_decay = [p for p in params + extra if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
         history: list[dict] = []
         start = 0
         if st is not None:

@@ -515,13 +515,9 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneC
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+    from .distill import warmup_cosine
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     if hasattr(model, "clear_cache"):
         model.clear_cache()
     model.train()
