@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path("out/team_quality")
 INT4 = "w4g128-rtn"
+ZERO_SHOT_TOKENS = 10
 GSM8K_TOKENS = 256  # a worked solution: GSM8K's are ~110 tokens on average
 MAX_LEN = 512  # the longest AG News prompt is ~200 tokens: a short context keeps the KV cache small
 REVIEW_WORDS = ["film", "movie", "story", "characters", "funny", "comedy", "director", "performances", "audience",
@@ -77,7 +78,8 @@ def team_config(adapters: dict[str, Path], base: str) -> dict:
         p = {"max_tokens": 3}
         sysp = SYSTEM[task]
         agents += [
-            {"name": f"base_{task}", "system": sysp, "model": "fp32", "params": p},
+            # the base gets room to say more than the label ("The sentiment is positive."): scored on its first label
+            {"name": f"base_{task}", "system": sysp, "model": "fp32", "params": {"max_tokens": ZERO_SHOT_TOKENS}},
             {"name": f"{role}_fp32", "system": sysp, "model": "fp32", "adapter": role, "params": p,
              "capabilities": [role]},
             {"name": f"{role}_int4", "system": sysp, "model": "int4", "adapter": role, "params": p,
@@ -426,8 +428,9 @@ def main() -> int:
     notes = ["each row is cached under out/team_quality/ by its settings and adapter specs: a split or interrupted "
              "run resumes, and this table may join rows measured by earlier invocations",
              f"training seconds per adapter (2 cores shared with other jobs, 1 torch thread): {json.dumps(train_s)}",
-             "quality: greedy, max_tokens 3, tasks.is_correct scoring; parallel 8 tasks in flight (latency includes "
-             "queueing in the shared batch)",
+             f"quality: greedy, max_tokens 3 (zero-shot base: {ZERO_SHOT_TOKENS}; GSM8K: {GSM8K_TOKENS}), tasks.is_correct "
+             "scoring (the first label word named; GSM8K: the number after '####', else the last number); parallel 8 "
+             "tasks in flight (latency includes queueing in the shared batch)",
              "panel: majority of {int4 adapter greedy, fp32-trained adapter served on the int4 base, int4 adapter "
              "T=0.7 seed 1}, all on one int4 base in one batch",
              "memory: peak RSS (VmHWM) and RSS at the end, in one subprocess per configuration (team-int4 loads a "
