@@ -101,6 +101,21 @@ def team_config(adapters: dict[str, Path], base: str) -> dict:
                                                                                     "members": ["base_sst2"]}]}
 
 
+def label_scoring(base: str, items) -> dict:
+    """Zero-shot accuracy of the fp32 base picking the most likely label (evaluate.choice): no generation."""
+    from slimswarm.evaluate.choice import choice_accuracy
+    from slimswarm.models.load import load
+
+    m = load(base)
+    t = time.perf_counter()
+    res = choice_accuracy(m.model, m.tokenizer, items)
+    wall = time.perf_counter() - t
+    lo, hi = wilson(res["correct"], res["items"])
+    return {"items": res["items"], "accuracy": res["accuracy"], "ci_low": lo, "ci_high": hi, "failed": 0,
+            "wall_s": wall, "items_per_s": res["items"] / wall,
+            "label_counts": {k: res["picks"].count(k) for k in sorted(set(res["picks"]))}}
+
+
 def build(cfg: dict, team: dict, labels: list[str], costs: dict[str, float] | None = None):
     """A Team from the shared config with ``team`` as its main team."""
     from slimswarm.agents.config import build_team, parse_config
@@ -352,6 +367,12 @@ def main() -> int:
                 log(f"  accuracy {res['accuracy']:.3f} [{res['ci_low']:.3f}, {res['ci_high']:.3f}], "
                     f"p50 {res['latency_p50_s']:.2f}s, {res['wall_s']:.0f}s")
                 rows.append({"section": "quality", "task": task, "config": name, **res})
+            if task in LABELS:  # the base's best case: the most likely label, with no generation at all
+                name = "zero-shot base fp32 (label scoring)"
+                log(f"{task}: {name} on {len(items)} items ...")
+                res = cached(quality_key(ttag, task, len(items), name), lambda: label_scoring(args.base, items))
+                log(f"  accuracy {res['accuracy']:.3f} [{res['ci_low']:.3f}, {res['ci_high']:.3f}]")
+                rows.append({"section": "quality", "task": task, "config": name, **res})
 
     if "router" in sections:
         mixed = items_for("sst2", args.mixed // 2) + items_for("agnews", args.mixed - args.mixed // 2)
@@ -431,6 +452,8 @@ def main() -> int:
              f"quality: greedy, max_tokens 3 (zero-shot base: {ZERO_SHOT_TOKENS}; GSM8K: {GSM8K_TOKENS}), tasks.is_correct "
              "scoring (the first label word named; GSM8K: the number after '####', else the last number); parallel 8 "
              "tasks in flight (latency includes queueing in the shared batch)",
+             "zero-shot base fp32 (label scoring): the fp32 base's most likely label as the reply's continuation "
+             "(log P summed over the label's tokens; slimswarm.evaluate.choice), no generation: the base's best case",
              "panel: majority of {int4 adapter greedy, fp32-trained adapter served on the int4 base, int4 adapter "
              "T=0.7 seed 1}, all on one int4 base in one batch",
              "memory: peak RSS (VmHWM) and RSS at the end, in one subprocess per configuration (team-int4 loads a "
