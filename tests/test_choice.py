@@ -28,6 +28,18 @@ def test_batched_label_scores_equal_one_pair_at_a_time(stories):
             assert float(got[i, j]) == pytest.approx(_alone(m, tok, p, lab), abs=1e-4)
 
 
+def test_one_token_labels_take_one_forward_per_prompt_and_agree(stories):
+    m, tok = stories.model, stories.tokenizer
+    labels = [tok.decode([i]) for i in (300, 301, 302)]
+    labels = [lab for lab in labels if len(tok.encode(lab, bos=False)) == 1]
+    assert len(labels) >= 2
+    prompts = ["Once upon a time there was a", "The cat"]
+    got = label_logprobs(m, tok, prompts, labels)
+    for i, p in enumerate(prompts):
+        for j, lab in enumerate(labels):
+            assert float(got[i, j]) == pytest.approx(_alone(m, tok, p, lab), abs=1e-4)
+
+
 def test_choice_accuracy_is_the_argmax_label_against_the_truth(stories):
     items = load_task("sst2", "test", n=6, seed=2)
     res = choice_accuracy(stories.model, stories.tokenizer, items, batch_size=3)

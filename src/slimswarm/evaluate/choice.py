@@ -10,27 +10,42 @@ import torch.nn.functional as F
 from ..progress import progress
 
 
+def _right_padded(seqs: list[list[int]], pad: int) -> torch.Tensor:
+    x = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)  # causal attention never sees the pads
+    for i, q in enumerate(seqs):
+        x[i, : len(q)] = torch.tensor(q)
+    return x
+
+
 @torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: list[str], labels: list[str], batch_size: int = 8) -> torch.Tensor:
-    """``[len(prompts), len(labels)]``: log P(label | prompt), summed over the label's tokens."""
-    pairs = []
-    for p in prompts:
-        pid = tokenizer.encode(p)
-        for lab in labels:
-            pairs.append((pid, tokenizer.encode(lab, bos=False)))
+    """``[len(prompts), len(labels)]``: log P(label | prompt), summed over the label's tokens.
+
+    When every label is one token, one forward of each prompt scores them all; otherwise each (prompt, label)
+    pair is a row. Only the positions that predict label tokens are projected onto the vocabulary."""
+    lab_ids = [tokenizer.encode(lab, bos=False) for lab in labels]
+    one_token = all(len(c) == 1 for c in lab_ids)
+    enc = [tokenizer.encode(p) for p in prompts]
+    # rows: (token ids, [(output index, position, token id)]), output index = prompt * len(labels) + label
+    rows = []
+    for i, p in enumerate(enc):
+        if one_token:
+            rows.append((p, [(i * len(labels) + j, len(p) - 1, c[0]) for j, c in enumerate(lab_ids)]))
+        else:
+            rows += [(p + c, [(i * len(labels) + j, len(p) - 1 + k, t) for k, t in enumerate(c)])
+                     for j, c in enumerate(lab_ids)]
     pad = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
-    out = torch.empty(len(pairs))
+    out = torch.zeros(len(prompts) * len(labels))
     model.clear_cache()
-    for s in progress(range(0, len(pairs), batch_size), "label scoring", total=-(-len(pairs) // batch_size)):
-        chunk = pairs[s:s + batch_size]
-        t = max(len(p) + len(c) for p, c in chunk)
-        x = torch.full((len(chunk), t), pad, dtype=torch.long)  # right-padded: causal attention never sees the pads
-        for i, (p, c) in enumerate(chunk):
-            x[i, : len(p) + len(c)] = torch.tensor(p + c)
-        logp = F.log_softmax(model(x).float(), dim=-1)
-        for i, (p, c) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)  # the positions that predict the label's tokens
-            out[s + i] = logp[i, pos, torch.tensor(c)].sum()
+    for s in progress(range(0, len(rows), batch_size), "label scoring", total=-(-len(rows) // batch_size)):
+        chunk = rows[s:s + batch_size]
+        h = model(_right_padded([ids for ids, _ in chunk], pad), hidden_only=True)
+        picks = [(r, pos, k, t) for r, (_, wants) in enumerate(chunk) for k, pos, t in wants]
+        rows_idx = torch.tensor([r for r, _, _, _ in picks])
+        pos_idx = torch.tensor([pos for _, pos, _, _ in picks])
+        logp = F.log_softmax(model.lm_head(h[rows_idx, pos_idx]).float(), dim=-1)
+        vals = logp[torch.arange(len(picks)), torch.tensor([t for _, _, _, t in picks])]
+        out.index_add_(0, torch.tensor([k for _, _, k, _ in picks]), vals)
     return out.view(len(prompts), len(labels))
 
 
