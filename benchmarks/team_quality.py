@@ -392,6 +392,9 @@ def main() -> int:
                                                    "lambda": args.lam},
             "router: learned (LinUCB, hashed words)": {"type": "bandit", "hashed": 256, "alpha": 0.5,
                                                        "lambda": args.lam},
+            # less exploration and fewer buckets: in 257 dimensions every unseen word keeps the α-bonus high
+            "router: learned (LinUCB, hashed words, alpha 0.1, 64 buckets)": {"type": "bandit", "hashed": 64,
+                                                                          "alpha": 0.1, "lambda": args.lam},
             "router: prompt (base model)": {"type": "prompt", "agent": "router"},
         }
         # the learned routers first learn from a stream of train-split items (bandit feedback: only the chosen arm's
