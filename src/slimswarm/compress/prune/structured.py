@@ -11,8 +11,8 @@ Scores come from one calibration pass over the unpruned model:
 By default every layer loses the same fraction of its head groups and channels, its lowest-scoring ones
 (``scope="layer"``). ``scope="global"`` ranks them across all layers at once instead (the scores are in the same
 residual-stream units), so a layer may lose more or fewer than the average, or all of them (``DecoderLayer`` then
-skips that half); on SmolLM2-135M that is far worse: 40% of the channels gives WikiText-2 perplexity 2,916 ranked
-globally against 86 per layer, because a few layers lose nearly all their channels.
+skips that half); on SmolLM2-135M that is far worse: 25% of the heads and channels gives WikiText-2 perplexity
+1,578 ranked globally against 75 per layer (benchmarks/results/prune_distill_smollm2.md).
 """
 
 from __future__ import annotations
