@@ -192,7 +192,8 @@ def main() -> None:
             gc.collect()
     if args.speed_rounds:
         apply_speeds(rows, speed_check(timed, args.speed_rounds))
-    notes = [n for n in notes if not n.startswith("decode_speedup")] if prev is not None else notes
+    if prev is not None and args.speed_rounds:  # the new speeds replace the old note; without them it stays
+        notes = [n for n in notes if not n.startswith("decode_speedup")]
     notes += [] if prev is not None else [
         f"WikiText-2 test, first {args.max_tokens:,} tokens, 1,024-token windows; KL(teacher || student) per token in "
         f"nats on the first {args.kl_tokens:,} WikiText-2 test tokens in 512-token windows.",
