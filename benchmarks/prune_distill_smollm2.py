@@ -197,6 +197,8 @@ def main() -> None:
         f"Decode tokens/s: batch 1, 32 new tokens, median of {args.speed_rounds} interleaved rounds; the host has 2 cores "
         f"shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end of this run), so absolute speeds "
         "are low and noisy; compare rows only as ratios.",
+        "Per-layer head removal rounds per layer: SmolLM2 has 3 KV head groups a layer, so 'heads 25%' per layer "
+        "removes one group (a third of the attention); the params column is what was removed.",
         "Structured and low-rank rows really shrink parameters, bytes and decode time (smaller or fewer tensors). They "
         "are reported here without any healing fine-tune (--distill-steps 0); distill_smollm2*.md has the same students "
         "after distillation (KD vs CE at equal tokens).",

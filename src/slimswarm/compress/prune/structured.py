@@ -161,8 +161,8 @@ def structured_prune(model, calib: torch.Tensor, heads: float = 0.0, channels: f
     """Remove the ``layers`` least influential layers, then the lowest ``heads`` fraction of KV head groups and
     ``channels`` fraction of MLP channels (of what remains); returns what was removed.
 
-    ``scope``: "layer" removes the same fraction from every layer; "global" ranks heads and channels across all
-    layers at once.
+    ``scope``: "layer" removes the same fraction from every layer (rounded per layer: with 3 KV groups a layer,
+    heads=0.25 removes one group, a third); "global" ranks heads and channels across all layers at once.
     ``multiple``: each layer keeps a multiple of this many channels (the nearest one to the global choice), so a
     later N:M pass or kernel still divides the width."""
     for name, v in (("heads", heads), ("channels", channels)):
