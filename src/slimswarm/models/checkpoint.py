@@ -14,6 +14,7 @@ import torch
 
 from ..errors import SlimswarmError
 from .llama import CausalLM, ModelConfig, rope_inv_freq
+from .loaded import Loaded
 from .tokenizer import HFTokenizer, SentencePieceTokenizer
 
 FORMAT = "slimswarm/1"
@@ -109,7 +110,6 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
     from safetensors.torch import load_file
 
     from ..compress.quant.linear import QuantEmbedding, QuantLinear
-    from .load import Loaded
 
     path = Path(path)
     try:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data import data_dir
 from ..errors import SlimswarmError
+from .checkpoint import load_checkpoint
 from .llama import CausalLM, ModelConfig, rope_inv_freq
-from .tokenizer import Tokenizer
+from .loaded import Loaded
+
+__all__ = ["Loaded", "build_model", "load", "resolve", "smollm2_gguf_path"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -37,15 +39,6 @@ NAMED = {
     "stories260k": _stories260k,
     "stories260k-llama2c": lambda: data_dir() / "models/stories260K/llama2c/stories260K.bin",
 }
-
-
-@dataclass
-class Loaded:
-    model: CausalLM
-    tokenizer: Tokenizer
-    source: str  # resolved path or hub id
-    kind: str  # "hf", "gguf", "llama2c", "slimswarm"
-    meta: dict
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype=torch.float32) -> CausalLM:
@@ -88,8 +81,6 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
     p = target
     if p.is_dir():
         if (p / "slimswarm.json").exists():
-            from .checkpoint import load_checkpoint
-
             return load_checkpoint(p, dtype=dtype)
         if not (p / "config.json").exists():
             raise SlimswarmError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
