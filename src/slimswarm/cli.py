@@ -480,6 +480,14 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .deploy.export import export
+
+    res = export(args.checkpoint, args.to, args.out, args.gguf_type, args.adapter, args.overwrite)
+    print(res.pop("summary", None) or json.dumps(res))
+    return 0
+
+
 def cmd_serve(args) -> int:
     """One model and its LoRA adapters behind an OpenAI-compatible endpoint, until interrupted."""
     from .engine.engine import Engine
@@ -640,6 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SLIMSWARM_API_KEY, else none)")
     sv.set_defaults(fn=cmd_serve)
+
+    ex = sub.add_parser("export", help="export a checkpoint to GGUF (llama.cpp) or ONNX (ONNX Runtime), or an adapter to a llama.cpp LoRA GGUF")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--to", required=True, choices=("gguf", "onnx"))
+    ex.add_argument("--out", required=True, help="FILE.gguf, or a folder for onnx")
+    ex.add_argument("--gguf-type", help="GGML type for tensors our codes do not map to exactly (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)")
+    ex.add_argument("--adapter", metavar="DIR", help="write this LoRA adapter (trained on CHECKPOINT) as a llama.cpp LoRA GGUF to --out")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(fn=cmd_export)
 
     from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
 

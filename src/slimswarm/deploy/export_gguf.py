@@ -134,7 +134,10 @@ class _Writer:
         p = perm or (lambda t: t)
         kind, obj = parts
         if kind == "quant":
+            from ..compress.quant.rtn import dequantize
+
             codes, scales, zeros = obj.codes(), obj.scales, obj.zeros
+            ours = dequantize(codes, scales, zeros)
             exact = gb.exact_type(obj.bits, obj.group_size, zeros)
             if exact is not None and self.want in (None, exact):
                 data = gb.encode_exact(exact, p(codes), p(scales), p(zeros))
@@ -144,9 +147,9 @@ class _Writer:
                     self.report.q4_1_offset_max_abs = max(self.report.q4_1_offset_max_abs,
                                                           float((m + zeros.float() * scales.float()).abs().max()))
                 self._add(gname, data, exact)
-                self._record(hf, gname, data, exact, p, obj.dequantize())
+                self._record(hf, gname, data, exact, p, ours)
                 return
-            w, target = obj.dequantize(), self.want or gb.nearest_type(obj.bits)
+            w, target = ours, self.want or gb.nearest_type(obj.bits)
         else:
             w, target = obj.float(), _float_kind(obj.dtype, self.want)
         if target not in gb.FLOAT_TYPES and w.shape[1] % gb.BLOCK:
@@ -254,7 +257,6 @@ def write_gguf(path: Path, arch: str, add_meta, fields: dict, tensors: list[tupl
                file_type: int | None = None) -> None:
     """Write a GGUF atomically: a temporary name in the same folder, renamed at the end."""
     from gguf import GGMLQuantizationType, GGUFWriter
-    from gguf.quants import quant_shape_from_byte_shape
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -271,7 +273,7 @@ def write_gguf(path: Path, arch: str, add_meta, fields: dict, tensors: list[tupl
             if kind in ("F32", "F16"):
                 w.add_tensor(name, data)
             else:
-                w.add_tensor(name, data, raw_shape=quant_shape_from_byte_shape(data.shape, qt), raw_dtype=qt)
+                w.add_tensor(name, data, raw_dtype=qt)  # data: the block bytes [rows, bytes a row]
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -315,7 +317,7 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str | None = None,
     return report
 
 
-def written_kl(model, written: dict[str, torch.Tensor], tokenizer, text: str, tokens: int = 1024) -> dict:
+def written_kl(model, written: dict[str, torch.Tensor], tokenizer, text: str, tokens: int = 512) -> dict:
     """KL(our model || a float model holding exactly the weights written to the GGUF) on ``tokens`` of ``text``."""
     from ..evaluate.kl import kl_divergence
     from ..models.load import build_model
