@@ -224,3 +224,38 @@ def test_smollm2_f32_export_greedy_64_tokens_in_llama_cpp(smollm2, tmp_path):
     diff = (llama_logits(llm, prompt) - our_logits(smollm2.model, prompt)).abs().max().item()
     assert diff < 2e-4, diff  # measured 5.8e-5
     assert llama_greedy(llm, prompt, 64) == our_greedy(smollm2.model, prompt, 64)
+
+
+def test_int8_g32_is_q8_0_and_f16_loads(story, tmp_path):
+    m = load("stories260k").model
+    quantize_model(m, QuantizeConfig(method="rtn", bits=8, group_size=32, symmetric=True, head_bits=None,
+                                     overrides=[Override(pattern="*.down_proj", skip=True)]))
+    rep = export_gguf(m, story.tokenizer, tmp_path / "q8.gguf")
+    assert rep.tensors["Q8_0"] == 30 and len(rep.same_codes) == 30 and not rep.changed  # bit-exact
+    rep = export_gguf(story.model, story.tokenizer, tmp_path / "f16.gguf", gguf_type="F16")
+    assert rep.tensors == {"F16": 36, "F32": 11}  # 1-D norms stay F32, as llama.cpp wants
+    ids = story.tokenizer.encode(STORY)
+    diff = (llama_logits(llama(tmp_path / "f16.gguf"), ids) - our_logits(story.model, ids)).abs().max().item()
+    assert 1e-5 < diff < 5e-2, diff  # fp16 weight rounding, nothing else
+
+
+def test_qwen2_arch_keeps_half_split_rope_and_biases(story, tmp_path):
+    from slimswarm.models.llama import ModelConfig
+
+    c = story.model.config
+    cfg = ModelConfig(**{**c.as_dict(), "model_type": "qwen2", "qkv_bias": True})
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in story.model.state_dict().items()}
+    sd.update({k: torch.randn(v.shape, generator=g) for k, v in sd.items() if k.endswith("norm.weight")})
+    for i in range(cfg.num_hidden_layers):
+        for p in ("q_proj", "k_proj", "v_proj"):
+            rows = sd[f"model.layers.{i}.self_attn.{p}.weight"].shape[0]
+            sd[f"model.layers.{i}.self_attn.{p}.bias"] = torch.randn(rows, generator=g) * 0.1
+    from slimswarm.models.load import build_model
+
+    model = build_model(cfg, sd, "random qwen2")
+    rep = export_gguf(model, story.tokenizer, tmp_path / "q.gguf")
+    assert rep.arch == "qwen2"
+    ids = story.tokenizer.encode(STORY)
+    diff = (llama_logits(llama(tmp_path / "q.gguf"), ids) - our_logits(model, ids)).abs().max().item()
+    assert diff < 1e-4, diff
