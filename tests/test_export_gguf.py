@@ -259,3 +259,17 @@ def test_qwen2_arch_keeps_half_split_rope_and_biases(story, tmp_path):
     ids = story.tokenizer.encode(STORY)
     diff = (llama_logits(llama(tmp_path / "q.gguf"), ids) - our_logits(model, ids)).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_cli_exports_a_saved_int4_checkpoint(story, tmp_path, capsys):
+    from slimswarm.cli import main
+
+    m = load("stories260k").model
+    q = quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=32, head_bits=None,
+                                         overrides=[Override(pattern="*.down_proj", skip=True)]))
+    save_checkpoint(m, story.tokenizer, tmp_path / "ckpt", {"quantization": q, "parent": {"source": "stories260k"}})
+    assert main(["export", str(tmp_path / "ckpt"), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "30 Q4_1" in line and "30 with our codes" in line and "KL to ours" in line, line
+    cfg, sd, _ = read_gguf(tmp_path / "m.gguf")
+    assert cfg.num_hidden_layers == 5 and "model.layers.4.mlp.down_proj.weight" in sd
