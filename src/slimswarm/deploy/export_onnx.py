@@ -113,7 +113,6 @@ def _rotate(g: _Graph, x: str, cos: str, sin: str, hd: int) -> str:
 
 def build_graph(model, name: str = "slimswarm"):
     """The ONNX ModelProto of ``model`` (our CausalLM) with past/present key-values."""
-    import onnx
     from onnx import TensorProto, helper
 
     from ..compress.quant.linear import QuantEmbedding

@@ -103,5 +103,5 @@ def requantize(w: torch.Tensor, kind: str) -> np.ndarray:
 
 
 def nearest_type(bits: int) -> str:
-    """Where no GGML type has our codes: the GGML type with at least our bits (asymmetric, so min-max fits)."""
-    return "Q8_0" if bits == 8 else "Q5_1" if bits > 4 else "Q4_1"
+    """Where no GGML type has our codes: Q8_0 for 8 bits, else Q4_1 (at least our bits, asymmetric like min-max)."""
+    return "Q8_0" if bits == 8 else "Q4_1"
