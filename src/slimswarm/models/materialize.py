@@ -24,7 +24,8 @@ _GROUP = re.compile(r"^(model\.layers\.\d+\.)")
 
 @contextlib.contextmanager
 def skipped_init() -> Iterator[None]:
-    """Module constructors inside allocate their tensors but leave them uninitialised (torch.nn.init is a no-op)."""
+    """Module constructors inside allocate their tensors but leave them uninitialised (torch.nn.init is a no-op).
+    Process-wide while it lasts: a module built on another thread meanwhile would be left uninitialised too."""
     saved = {n: getattr(nn.init, n) for n in _INITS}
     try:
         for n in _INITS:
