@@ -50,8 +50,12 @@ def bytes_by_format(model) -> dict[str, int]:
     return out
 
 
-def decode_seconds_per_token(cost: DecodeCost, by_format: dict[str, int], layers: int, bandwidth_gb_s: float) -> float:
+def decode_seconds_per_token(cost: DecodeCost, by_format: dict[str, int], layers: int, bandwidth_gb_s: float,
+                             kv_read_bytes: int = 0) -> float:
+    """One batch-1 decode step: every weight byte read at its format's efficiency, the KV cache read so far
+    (``kv_read_bytes``, float32 speed), plus the fixed per-token and per-layer costs."""
     t = cost.fixed_s + layers * cost.fixed_s_per_layer
+    t += kv_read_bytes / (bandwidth_gb_s * 1e9 * cost.efficiency.get("float32", 0.5))
     for fmt, b in by_format.items():
         eff = cost.efficiency.get(fmt, cost.efficiency.get("float32", 0.5))
         t += b / (bandwidth_gb_s * 1e9 * eff)

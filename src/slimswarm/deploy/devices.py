@@ -55,6 +55,7 @@ class DecodeCost(_Strict):
     fixed_s: float = Field(ge=0)
     prefill_gflops: float = Field(gt=0)
     runtime_bytes: int = Field(ge=0)  # resident bytes of a serving process before any model (Python, torch)
+    load_overhead_bytes: int = Field(default=0, ge=0)  # transient bytes above weights while a checkpoint loads
 
 
 class Device(_Strict):

@@ -102,7 +102,10 @@ class PipelineRunner:
         if not ranges or ranges[0][0] != 0 or ranges[-1][1] != n or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
             raise ValueError(f"stage ranges must cover layers 0..{n} contiguously, got {ranges}")
         self.ranges = ranges
-        ctx = mp.get_context("spawn")
+        # forkserver: one clean server process imports torch once and forks each stage from it (spawn would import
+        # torch again per stage; a plain fork would copy this process's threads and its whole model)
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "slimswarm.deploy.pipeline_run"])
         self._ret = Listener(("127.0.0.1", 0), authkey=_AUTH)
         got: dict = {}
         acc = threading.Thread(target=lambda: got.setdefault("c", self._ret.accept()), daemon=True)

@@ -128,10 +128,10 @@ def device_cost(dev: Device, table: VariantsTable):
     return m.cost, dev.model_bandwidth_gb_s, dev.model_bandwidth_gb_s / m.bandwidth_gb_s
 
 
-def decode_s(v: Variant, dev: Device, table: VariantsTable, layer_share: float = 1.0) -> float:
+def decode_s(v: Variant, dev: Device, table: VariantsTable, layer_share: float = 1.0, context: int = 0) -> float:
     cost, bw, scale = device_cost(dev, table)
     mem = decode_seconds_per_token(cost.model_copy(update={"fixed_s": 0, "fixed_s_per_layer": 0}),
-                                   v.bytes_by_format, v.layers, bw)
+                                   v.bytes_by_format, v.layers, bw, v.kv_bytes_per_token * context)
     fixed = cost.fixed_s + v.layers * cost.fixed_s_per_layer
     return layer_share * (mem + fixed / scale)
 
@@ -142,12 +142,15 @@ def prefill_s(v: Variant, dev: Device, table: VariantsTable) -> float:
 
 
 def service_s(a: AgentSpec, v: Variant, dev: Device, table: VariantsTable, layer_share: float = 1.0) -> float:
-    return layer_share * a.prompt_tokens * prefill_s(v, dev, table) + a.max_tokens * decode_s(v, dev, table,
-                                                                                              layer_share)
+    mean_ctx = a.prompt_tokens + a.max_tokens // 2  # the KV a decode step reads, on average over the answer
+    return (layer_share * a.prompt_tokens * prefill_s(v, dev, table)
+            + a.max_tokens * decode_s(v, dev, table, layer_share, mean_ctx))
 
 
 def runtime_bytes(dev: Device, table: VariantsTable) -> int:
-    return (dev.cost or table.machine.cost).runtime_bytes
+    """A serving process's floor on ``dev``: the runtime plus the transient of loading a checkpoint."""
+    c = dev.cost or table.machine.cost
+    return c.runtime_bytes + c.load_overhead_bytes
 
 
 def kv_bytes(a: AgentSpec, v: Variant) -> int:
@@ -234,10 +237,9 @@ class Infeasible(SlimswarmError):
     """No placement meets every constraint; the message names the one that binds (device, agent, by how much)."""
 
 
-def evaluate(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Candidate], objective: str = "latency",
-             ) -> tuple[bool, Plan | None, str]:
-    """Check one assignment agent → candidate with the planner's own model: (feasible, plan, first violation).
-    The planner's answers are checked against this on small instances by brute force."""
+def assess(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Candidate]) -> dict:
+    """The planner's model applied to one assignment agent → candidate, with no check: bytes per device (a shared
+    base once), load per device, and each agent's predicted p95 (inf when its device is at load 1 or more)."""
     devs = devices.by_name()
     parts: dict[str, dict[str, int]] = {}
     load: dict[str, float] = {}
@@ -251,6 +253,21 @@ def evaluate(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, 
             p[f"{a.name} adapter+KV"] = p.get(f"{a.name} adapter+KV", 0) + c.agent_bytes.get(d, 0)
             p["runtime"] = runtime_bytes(devs[d], t)
             load[d] = load.get(d, 0.0) + a.rate_per_s * c.stage_s[d]
+    p95 = {}
+    for a in team.agents:
+        c = choice[a.name]
+        rho = max(load[d] for d in c.devices)
+        p95[a.name] = c.service_s / (1 - rho) if rho < 1 else float("inf")
+    return {"parts": parts, "load": load, "p95": p95}
+
+
+def evaluate(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Candidate], objective: str = "latency",
+             ) -> tuple[bool, Plan | None, str]:
+    """Check one assignment agent → candidate with the planner's own model: (feasible, plan, first violation).
+    The planner's answers are checked against this on small instances by brute force."""
+    devs = devices.by_name()
+    r = assess(team, tables, devices, choice)
+    parts, load = r["parts"], r["load"]
     for d, p in parts.items():
         if sum(p.values()) > devs[d].usable_bytes:
             return False, None, f"device {d}: memory over by {sum(p.values()) - devs[d].usable_bytes} bytes"
@@ -260,8 +277,7 @@ def evaluate(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, 
     worst = 0.0
     for a in team.agents:
         c = choice[a.name]
-        rho = max(load[d] for d in c.devices)
-        p95 = c.service_s / (1 - rho)
+        p95 = r["p95"][a.name]
         if p95 > a.p95_budget_s * (1 + 1e-9):
             return False, None, f"agent {a.name}: p95 {p95:.4f} s over budget {a.p95_budget_s} s"
         worst = max(worst, p95 / a.p95_budget_s)

@@ -8,16 +8,19 @@ from .costmodel import decode_seconds_per_token
 from .variants import VariantsTable
 
 
-def predicted_peak_bytes(v, runtime_bytes: int, batch: int, context: int) -> int:
-    """A serving process's peak: its runtime floor + weights + the KV cache for ``batch`` rows of ``context``."""
-    return runtime_bytes + v.weight_bytes + v.kv_bytes_per_token * batch * context
+def predicted_peak_bytes(v, cost, batch: int, context: int) -> int:
+    """A serving process's peak: runtime floor + load transient + weights + the KV cache for ``batch`` rows of
+    ``context`` slots."""
+    return cost.runtime_bytes + cost.load_overhead_bytes + v.weight_bytes + v.kv_bytes_per_token * batch * context
 
 
 def variants_rows(table: VariantsTable) -> list[dict]:
     m = table.machine
     rows = []
     for v in table.variants:
-        t = decode_seconds_per_token(m.cost, v.bytes_by_format, v.layers, m.bandwidth_gb_s)
+        me = v.measured
+        ctx = (me.context - me.new_tokens // 2) if me else 0  # the KV a measured decode step reads, on average
+        t = decode_seconds_per_token(m.cost, v.bytes_by_format, v.layers, m.bandwidth_gb_s, v.kv_bytes_per_token * ctx)
         r = {"variant": v.name, "weight_MB": round(v.weight_bytes / 1e6, 1), "read_MB_per_token":
              round(v.bytes_per_token / 1e6, 1), "ppl": round(v.perplexity, 3) if v.perplexity else None,
              "delta_ppl_%": round(100 * v.delta_ppl, 2) if v.delta_ppl is not None else None,
@@ -26,7 +29,7 @@ def variants_rows(table: VariantsTable) -> list[dict]:
              "pred_tok_s": round(1 / t, 2)}
         if v.measured:
             me = v.measured
-            pk = predicted_peak_bytes(v, m.cost.runtime_bytes, me.batch, me.context)
+            pk = predicted_peak_bytes(v, m.cost, me.batch, me.context)
             r.update(meas_tok_s=round(me.decode_tokens_per_s, 2),
                      tok_s_err_pct=round(100 * (1 / t / me.decode_tokens_per_s - 1), 1),
                      pred_peak_MiB=round(pk / 2**20), meas_peak_MiB=round(me.peak_rss_bytes / 2**20),
