@@ -367,6 +367,8 @@ def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool
         next(c.stages[0][1] for cs in cands.values() for c in cs if c.base_key == bk and not c.pipelined) * var
         for (bk, _), var in y.items()) + sum(
         sum(c.agent_bytes.values()) * x[a, i] for a, cs in cands.items() for i, c in enumerate(cs) if not c.pipelined)
+    table0 = next(iter(tables.values()))
+    bytes_expr = bytes_expr + sum(runtime_bytes(devs[d], table0) * u for d, u in used.items())  # as evaluate counts
     if elastic:
         h.addConstr(z >= 0)
         scale = max(d.usable_bytes for d in devs.values())
@@ -391,8 +393,7 @@ def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool
         h.addConstr(sum(used.values()) <= n)
         h.minimize(bytes_expr)
     else:
-        h.minimize(bytes_expr + sum(rt_ * u for rt_, u in ((runtime_bytes(devs[d], next(iter(tables.values()))), v)
-                                                           for d, v in used.items())))
+        h.minimize(bytes_expr)
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return "infeasible", None
     return "optimal", _pick(h, x, cands)
