@@ -87,3 +87,29 @@ def test_example_devices_load():
     assert [d.name for d in ds.devices] == ["rpi5-8gb", "jetson-orin-nano-8gb", "macbook-air-m2-16gb", "h200-node"]
     assert ds.by_name()["rpi5-8gb"].usable_bytes == 8 * 2**30 - 2**29
     assert ds.link("h200-node", "rpi5-8gb").latency_ms == 20.0
+
+
+def test_bytes_by_format_sums_to_bytes_read_per_token(stories):
+    import copy
+
+    from slimswarm.compress import compress
+    from slimswarm.deploy.costmodel import bytes_by_format
+    from slimswarm.evaluate.size import decode_bytes_per_token
+
+    m = copy.deepcopy(stories.model)
+    assert bytes_by_format(m) == {"float32": decode_bytes_per_token(m)}
+    compress(m, "w4g128-rtn")
+    by = bytes_by_format(m)
+    assert set(by) == {"int4", "int8", "float32"}  # int4 layers, the int8 embedding rows, float norms
+    assert sum(by.values()) == decode_bytes_per_token(m)
+
+
+def test_devices_probe_writes_a_profile_that_loads(tmp_path, capsys):
+    out = tmp_path / "here.yaml"
+    assert main(["devices", "probe", "--no-fit", "--name", "here", "--memory", "700MiB", "--threads", "1",
+                 "--out", str(out)]) == 0
+    (d,) = load_devices(out).devices
+    assert d.name == "here" and d.memory_bytes == 700 * 2**20 and d.threads == 1 and d.bandwidth_gb_s > 0.1
+    capsys.readouterr()
+    assert main(["devices", "probe", "--memory=-1GB", "--out", str(tmp_path / "x.yaml")]) == 2
+    assert _err(capsys) == "slimswarm: error: --memory must be a positive size, got '-1GB'"
