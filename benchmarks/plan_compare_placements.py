@@ -66,7 +66,8 @@ def exo_choice(team, tables, devices):
             hop_total += hop_seconds(link, v.hidden_size or 576, a) if link else math.inf
         total = sum(stage_s.values()) + hop_total
         stage_s = {d: s + hop_total / len(chain) for d, s in stage_s.items()}
-        out[a.name] = Candidate(a.name, "fp32", f"{a.base}:fp32", stages, agent_bytes, total, stage_s, layers)
+        out[a.name] = Candidate(a.name, "fp32", f"{a.base}:fp32", stages, agent_bytes, total, stage_s, layers,
+                                shared_stages=True)  # one sharded model serves every agent
     return out
 
 
@@ -99,7 +100,7 @@ def rows_for(name, team, tables, devices, choice):
     for a in team.agents:
         c = choice[a.name]
         v = tables[a.base].get(c.variant)
-        rows.append({"placement": name, "agent": a.name, "variant": c.variant, "devices": "+".join(c.devices),
+        rows.append({"placement": name, "agent": a.name, "variant": c.variant, "on": "+".join(c.devices),
                      "pred_p95_s": round(r["p95"][a.name], 3), "budget_s": a.p95_budget_s,
                      "meets_budget": r["p95"][a.name] <= a.p95_budget_s, "meets_quality": quality_ok(a, v),
                      "delta_ppl_%": round(100 * (v.delta_ppl or 0), 2),
@@ -113,30 +114,52 @@ def rows_for(name, team, tables, devices, choice):
     return rows, summary
 
 
+def compare(team, tables, devices, label):
+    from slimswarm.deploy.planner import candidates
+
+    cands = candidates(team, tables, devices)
+    choices = []
+    for objective in ("latency", "bytes"):
+        plan = solve(team, tables, devices, objective)
+        choices.append((f"planner ({objective})", {p.agent: next(c for c in cands[p.agent] if c.variant == p.variant
+                                                                 and c.devices == p.devices)
+                                                   for p in plan.placements}))
+    choices += [("exo-style", exo_choice(team, tables, devices)),
+                ("fp32-where-it-fits", fp32_choice(team, tables, devices))]
+    all_rows, summaries = [], []
+    for name, choice in choices:
+        rows, s = rows_for(name, team, tables, devices, choice)
+        all_rows += rows
+        summaries.append({"devices": label, **s})
+    return all_rows, summaries
+
+
 def main():
+    from slimswarm.deploy.devices import DeviceSet
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--team", default=str(ROOT / "examples/teams/edge_desk_placement.yaml"))
     ap.add_argument("--devices", default=str(ROOT / "examples/devices/edge_lab.yaml"))
     args = ap.parse_args()
     team, tables = load_team(args.team)
     devices = load_devices(args.devices)
-    plan = solve(team, tables, devices, "latency")
-    planner = {p.agent: next(c for c in __import__("slimswarm.deploy.planner", fromlist=["candidates"]).candidates(
-        team, tables, devices)[p.agent] if c.variant == p.variant and c.devices == p.devices) for p in plan.placements}
+    edge = DeviceSet(devices=[d.model_copy(update={"links": {k: v for k, v in d.links.items() if k != "h200-node"}})
+                              for d in devices.devices if d.name != "h200-node"])
     all_rows, summaries = [], []
-    for name, choice in (("planner", planner), ("exo-style", exo_choice(team, tables, devices)),
-                         ("fp32-where-it-fits", fp32_choice(team, tables, devices))):
-        rows, s = rows_for(name, team, tables, devices, choice)
-        all_rows += rows
-        summaries.append(s)
+    for label, ds in (("all four", devices), ("edge only (no H200)", edge)):
+        r, s = compare(team, tables, ds, label)
+        all_rows += [{"devices": label, **x} for x in r]
+        summaries += s
     cmd = "python benchmarks/plan_compare_placements.py " + " ".join(sys.argv[1:])
     (RESULTS / "plan_compare_placements.json").write_text(json.dumps({"command": cmd, "summary": summaries,
                                                                        "agents": all_rows}, indent=1))
     flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in s.items()} for s in summaries]
     text = "\n".join(["# Planner vs exo-style memory-proportional sharding vs fp32 where it fits\n",
                       f"Command: `{cmd}`\n",
-                      f"Team `{Path(args.team).name}` on `{Path(args.devices).name}`; predictions from the variants "
-                      "table measured on the 2-core VM and each device's spec figures (see the YAML comments).\n",
+                      f"Team `{Path(args.team).name}` on `{Path(args.devices).name}` (all four devices, and the three "
+                      "edge devices alone); predictions from the variants table measured on the 2-core VM and each "
+                      "device's spec figures (see the YAML comments). Devices without their own cost fit use the VM's "
+                      "efficiencies, with per-layer overheads and prefill scaled by the bandwidth ratio.\n",
                       markdown_table(flat), "", markdown_table(all_rows), ""])
     (RESULTS / "plan_compare_placements.md").write_text(text)
     print(text)

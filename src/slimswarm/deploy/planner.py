@@ -109,6 +109,7 @@ class Candidate:
     service_s: float  # one request, alone
     stage_s: dict[str, float]  # device -> its part of service_s (the load it adds there, per request)
     layers: list[tuple[int, int]] = field(default_factory=list)  # per stage [lo, hi) when pipelined
+    shared_stages: bool = False  # pipelined stages that every agent on the same split shares (exo-style baseline)
 
     @property
     def devices(self) -> list[str]:
@@ -248,7 +249,7 @@ def assess(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Ca
         t = tables[a.base]
         for d, wb in c.stages:
             p = parts.setdefault(d, {})
-            key = c.base_key if not c.pipelined else f"{c.base_key}[{a.name}]"
+            key = c.base_key if not c.pipelined or c.shared_stages else f"{c.base_key}[{a.name}]"
             p[key] = wb
             p[f"{a.name} adapter+KV"] = p.get(f"{a.name} adapter+KV", 0) + c.agent_bytes.get(d, 0)
             p["runtime"] = runtime_bytes(devs[d], t)
