@@ -3,8 +3,8 @@ decoded tokens identical to the unsplit model, and what does a hop cost?
 
   python benchmarks/pipeline_split_smollm2.py [--tokens 1024]
 
-The split points come from the planner's DP (deploy/pipeline.py) for devices that hold the serving floor plus 60%
-(2 stages) or 40% (3 stages) of the weights; each stage is a process on 127.0.0.1 holding its layers and its KV slice. Per-hop overhead = (wall −
+The split points come from the planner's DP (deploy/pipeline.py) for devices that hold the serving floor plus 70%
+(2 stages) or 50% (3 stages) of the weights (the tied embedding sits on the first and the last stage); each stage is a process on 127.0.0.1 holding its layers and its KV slice. Per-hop overhead = (wall −
 Σ stage compute) / hops per decode step, median; hops = driver → stage 0, stage to stage, last stage → driver."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main():
     from slimswarm.deploy.pipeline import split_layers
     from slimswarm.deploy.pipeline_run import PipelineRunner
     from slimswarm.deploy.planner import AgentSpec
-    from slimswarm.deploy.variants import describe, load_variants
+    from slimswarm.deploy.variants import describe
     from slimswarm.evaluate.report import markdown_table
     from slimswarm.evaluate.perplexity import windows_of
 
@@ -49,8 +49,13 @@ def main():
     model = m.model
     text, source = default_eval_text()
     seqs = windows_of(m.tokenizer.encode(text), args.window, args.tokens, source)
-    table = load_variants(RESULTS / "variants_smollm2.yaml")
+    from slimswarm.deploy.devices import load_devices
+    from slimswarm.deploy.variants import VariantsTable
+
     v = describe(model, "fp32", None)
+    # the probed profile of this machine supplies the cost fit and the serving floor
+    here = load_devices(RESULTS / "devices_this_machine.yaml").devices[0]
+    table = VariantsTable(base="smollm2-135m", machine=here, variants=[v])
     agent = AgentSpec(name="big", base="smollm2-135m", p95_budget_s=60, prompt_tokens=args.window,
                       max_tokens=args.new_tokens, context=args.window + args.new_tokens)
 
@@ -88,7 +93,7 @@ def main():
     from slimswarm.deploy.planner import runtime_bytes
 
     floor = runtime_bytes(Device(name="x", memory_bytes=1, bandwidth_gb_s=1, cores=1, threads=1), table)
-    for stages, share in ((2, 0.6), (3, 0.4)):
+    for stages, share in ((2, 0.7), (3, 0.5)):
         # each device holds the serving floor and `share` of the weights: too small for the whole model
         mem = int(floor + share * v.weight_bytes + kv_total(v, agent)) // 2**20
         devs = [Device(name=f"d{i}", memory_bytes=mem * 2**20, bandwidth_gb_s=table.machine.bandwidth_gb_s, cores=1,

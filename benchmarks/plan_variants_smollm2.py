@@ -28,9 +28,28 @@ FIT_ON = "fp32"
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--remeasure", action="store_true",
+                    help="probe again, then re-measure every variant's speed and peak back to back, so the fit and "
+                         "the measurements see the same state of this shared machine")
+    args = ap.parse_args()
     path = RESULTS / "variants_smollm2.yaml"
     t = load_variants(path)
     from slimswarm.models.load import load
+
+    first_pass = {v.name: v.measured.model_dump() for v in t.variants if v.measured}
+    if args.remeasure:
+        from slimswarm.deploy.probe import probe_device
+        from slimswarm.deploy.variants import measure_in_subprocess
+
+        here, _ = probe_device(t.machine.name, None, 1, log=lambda m: print(m, flush=True))
+        for v in t.variants:
+            v.measured = measure_in_subprocess(v.checkpoint, threads=1)
+            print(f"{v.name}: {v.measured.decode_tokens_per_s:.1f} tok/s, {v.measured.peak_rss_bytes / 2**20:.0f} MiB",
+                  flush=True)
+        t.machine = here.model_copy(update={"source": here.source + " (re-probed just before the re-measurement)"})
 
     for v in t.variants:
         if v.layer_bytes is None and v.checkpoint and Path(v.checkpoint).exists():
@@ -46,8 +65,9 @@ def main():
         r["memory_fit_row"] = r["variant"] == FIT_ON
     ok_speed = all(abs(r["tok_s_err_pct"]) <= 20 for r in rows)
     ok_mem = all(abs(r["peak_err_pct"]) <= 20 for r in rows if not r["memory_fit_row"])
-    cmd = "python benchmarks/plan_variants_smollm2.py"
+    cmd = "python benchmarks/plan_variants_smollm2.py " + " ".join(sys.argv[1:])
     (RESULTS / "plan_variants_smollm2.json").write_text(json.dumps({"command": cmd, "rows": rows,
+                                                                     "first_pass_measurements": first_pass,
                                                                      "machine": t.machine.model_dump()}, indent=1))
     m = t.machine
     text = "\n".join([

@@ -23,10 +23,14 @@ _AUTH = b"slimswarm-pipeline"
 class Stage(nn.Module):
     """Decoder layers [lo, hi) of a CausalLM, with the embedding on the first stage and norm + head on the last."""
 
-    def __init__(self, model, lo: int, hi: int):
+    def __init__(self, model, lo: int, hi: int, first: bool | None = None, last: bool | None = None):
         super().__init__()
         n = model.config.num_hidden_layers
-        self.lo, self.hi, self.first, self.last = lo, hi, lo == 0, hi == n
+        # A stage may hold no decoder layer (the DP may give the embedding or the head a device of its own), so the
+        # caller says which stage is first and last.
+        self.first = lo == 0 if first is None else first
+        self.last = hi == n if last is None else last
+        self.lo, self.hi = lo, hi
         self.layers = nn.ModuleList(model.model.layers[lo:hi])
         self.embed = model.model.embed_tokens if self.first else None
         self.norm = model.model.norm if self.last else None
@@ -99,12 +103,16 @@ class PipelineRunner:
 
     def __init__(self, model, ranges: list[tuple[int, int]], threads: int = 1):
         n = model.config.num_hidden_layers
-        if not ranges or ranges[0][0] != 0 or ranges[-1][1] != n or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        if (not ranges or ranges[0][0] != 0 or ranges[-1][1] != n or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:]))
+                or any(lo > hi for lo, hi in ranges)):
             raise ValueError(f"stage ranges must cover layers 0..{n} contiguously, got {ranges}")
         self.ranges = ranges
         # forkserver: one clean server process imports torch once and forks each stage from it (spawn would import
         # torch again per stage; a plain fork would copy this process's threads and its whole model)
         ctx = mp.get_context("forkserver")
+        root = str(Path(__file__).resolve().parents[2])  # the server is a fresh interpreter: let it find slimswarm
+        if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+            os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)
         ctx.set_forkserver_preload(["torch", "slimswarm.deploy.pipeline_run"])
         self._ret = Listener(("127.0.0.1", 0), authkey=_AUTH)
         got: dict = {}
@@ -113,9 +121,10 @@ class PipelineRunner:
         self.procs = []
         downstream = self._ret.address
         tmp = Path(tempfile.mkdtemp(prefix="slimswarm-pipe-"))
-        for lo, hi in reversed(ranges):  # from the last stage back, so each knows where to send
-            p = tmp / f"stage{lo}-{hi}.pt"
-            torch.save(Stage(model, lo, hi), p)
+        for k in reversed(range(len(ranges))):  # from the last stage back, so each knows where to send
+            lo, hi = ranges[k]
+            p = tmp / f"stage{k}-{lo}-{hi}.pt"
+            torch.save(Stage(model, lo, hi, first=k == 0, last=k == len(ranges) - 1), p)
             a, b = ctx.Pipe()
             proc = ctx.Process(target=_stage_main, args=(str(p), downstream, b, threads), daemon=True)
             proc.start()
