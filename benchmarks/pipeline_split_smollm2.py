@@ -108,7 +108,7 @@ def main():
             p.stats.clear()
             toks, step = greedy(lambda x, pos: p.forward(x, pos), prompt, lambda x: p.forward(x, 0))
             hop = p.per_hop_overhead_s()
-        rows.append({"stages": stages, "layers": " | ".join(f"{a}-{b}" for a, b in cand.layers),
+        rows.append({"stages": stages, "layers": ", ".join(f"{a}-{b}" for a, b in cand.layers),
                      "device_MiB": mem, "stage_kv_KiB": "/".join(str(k // 1024) for k in kv),
                      "perplexity": math.exp(p_nll), "tokens": n, "same_greedy_tokens": toks == base_tokens,
                      "decode_step_ms": step * 1e3, "per_hop_overhead_ms": hop * 1e3})
