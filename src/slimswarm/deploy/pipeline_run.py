@@ -128,6 +128,10 @@ class PipelineRunner:
             a, b = ctx.Pipe()
             proc = ctx.Process(target=_stage_main, args=(str(p), downstream, b, threads), daemon=True)
             proc.start()
+            if not a.poll(300):  # a stage that dies while starting must not leave the caller waiting forever
+                for q in self.procs + [proc]:
+                    q.kill()
+                raise RuntimeError(f"pipeline stage {k} (layers {lo}-{hi}) did not start (exit code {proc.exitcode})")
             downstream = a.recv()
             self.procs.append(proc)
         self._to_first = Client(downstream, authkey=_AUTH)
