@@ -661,6 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
 
     add_team_parser(sub)
+
+    from .deploy.command import add_deploy_parsers  # `devices probe`, `plan`: the deploy layer owns its arguments
+
+    add_deploy_parsers(sub)
     return p
 
 
