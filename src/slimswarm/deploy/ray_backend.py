@@ -1,0 +1,110 @@
+"""deploy/ray_backend.py: the agents' Ray backend — each call goes to a replica serving the agent's model, and is
+re-submitted to another live replica when its replica's node dies; the agents layer receives it by injection."""
+
+from __future__ import annotations
+
+import time
+
+from ..agents.backends import Backend, BackendError, Completion
+from ..agents.message import as_chat
+from ..errors import SlimswarmError
+from .ray_runtime import ReplicaPool
+
+
+def _ray_failure(e: Exception) -> str | None:
+    """Why a call failed if it failed because its replica (or the replica's node) went away, else None."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
+
+    if isinstance(e, (ActorUnavailableError, ActorDiedError, RayActorError, NodeDiedError)):
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
+
+
+class RayBackend(Backend):
+    """Agents' calls on a ``ReplicaPool``: least outstanding calls with adapter affinity, waiting (up to the call's
+    deadline) while every replica is full; a call whose replica dies is restarted from its prompt on another
+    replica, and the retry is recorded in the completion's ``route`` (so in the trace)."""
+
+    name = "ray"
+
+    def __init__(self, pool: ReplicaPool, timeout_s: float = 120.0, default: str | None = None):
+        self.pool = pool
+        self.timeout_s = timeout_s
+        self.default = default or (sorted(pool.models())[0] if pool.models() else "default")
+
+    def model_key(self, agent) -> str:
+        return agent.model.base if agent is not None and agent.model.base else self.default
+
+    def check(self, agents) -> None:
+        """Raise (one line) when an agent's model has no replica: before any task runs."""
+        have = self.pool.models()
+        for a in agents:
+            if a.model.endpoint:
+                continue
+            key = self.model_key(a)
+            if key not in have:
+                raise SlimswarmError(f"agent {a.name}: no Ray replica serves model {key!r} (replicas serve: "
+                                     f"{', '.join(sorted(have)) or 'nothing'}; see deploy.models.{key}.replicas)")
+
+    def model_label(self, agent) -> str:
+        key = self.model_key(agent)
+        adapter = agent.model.adapter if agent is not None else None
+        return f"ray:{self.pool.label(key)}" + (f"+{adapter}" if adapter else "")
+
+    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False) -> Completion:
+        import ray
+
+        key = self.model_key(agent)
+        adapter = agent.model.adapter if agent is not None else None
+        chat = as_chat(messages, agent.name if agent is not None else None)
+        affinity = adapter or (agent.name if agent is not None else "")
+        t0 = time.perf_counter()
+        deadline = t0 + self.timeout_s
+        retries: list[dict] = []
+        while True:
+            r = self.pool.acquire(key, affinity, deadline)
+            if r is None:
+                tried = "; ".join(f"{x['replica']}: {x['error']}" for x in retries) or "none answered"
+                raise BackendError(f"ray: no replica of model {key!r} could serve the call within "
+                                   f"{self.timeout_s:g}s [{self.pool.state(key)}] (attempts: {tried})")
+            served = False
+            try:
+                left = max(0.1, deadline - time.perf_counter())
+                ref = r.handle.generate.remote(chat, dict(params.__dict__), adapter, left, logprobs)
+                try:
+                    out = ray.get(ref, timeout=left + 5)
+                except ray.exceptions.GetTimeoutError:
+                    ray.cancel(ref)
+                    raise BackendError(f"ray: replica {r.name} gave no answer within {self.timeout_s:g}s") from None
+                except Exception as e:
+                    why = _ray_failure(e)
+                    if why is None:
+                        raise BackendError(f"ray: replica {r.name}: {type(e).__name__}: {e}") from None
+                    self.pool.mark_down(r, why)
+                    retries.append({"replica": r.name, "node": r.node[:12], "error": why,
+                                    "after_s": round(time.perf_counter() - t0, 3)})
+                    continue
+                kind = out.get("kind")
+                if kind == "queue_full":  # back-pressure: this replica's bounded queue is full; try again
+                    retries.append({"replica": r.name, "node": r.node[:12], "error": out["error"],
+                                    "after_s": round(time.perf_counter() - t0, 3)})
+                    time.sleep(0.05)
+                    continue
+                if kind == "closed":
+                    self.pool.mark_down(r, out["error"])
+                    retries.append({"replica": r.name, "node": r.node[:12], "error": out["error"],
+                                    "after_s": round(time.perf_counter() - t0, 3)})
+                    continue
+                if kind is not None:  # bad request, timeout, a failed forward: another replica would fail too
+                    raise BackendError(f"ray: {out['error']}")
+                served = True
+            finally:
+                self.pool.release(r, served)
+            route = {"replica": out["replica"], "node": out["node"][:12]}
+            if retries:
+                route["retries"] = retries
+            return Completion(out["text"], out["prompt_tokens"], out["completion_tokens"], out["cached_tokens"],
+                              out["latency_s"], out["ttft_s"], out["logprobs"], out["finish_reason"], route)
+
+    def close(self) -> None:
+        self.pool.close()
