@@ -642,8 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
+    from .deploy.ray_cli import add_cluster_parser, team_ray_backend  # Ray: the deploy layer, injected
 
-    add_team_parser(sub)
+    add_team_parser(sub, ray_backend=team_ray_backend)
+    add_cluster_parser(sub)
     return p
 
 

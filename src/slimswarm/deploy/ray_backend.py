@@ -20,6 +20,10 @@ def _ray_failure(e: Exception) -> str | None:
     return None
 
 
+class _ReplicaLost(Exception):
+    """Internal: the replica serving a call went away; the call goes to another one."""
+
+
 class RayBackend(Backend):
     """Agents' calls on a ``ReplicaPool``: least outstanding calls with adapter affinity, waiting (up to the call's
     deadline) while every replica is full; a call whose replica dies is restarted from its prompt on another
@@ -30,7 +34,31 @@ class RayBackend(Backend):
     def __init__(self, pool: ReplicaPool, timeout_s: float = 120.0, default: str | None = None):
         self.pool = pool
         self.timeout_s = timeout_s
+        self.resubmitted = 0  # calls that moved to another replica after theirs went away
         self.default = default or (sorted(pool.models())[0] if pool.models() else "default")
+
+    def _wait(self, r, ref, until: float) -> dict:
+        """The replica's answer to ``ref``; _ReplicaLost when the replica (or its node) went away meanwhile: an
+        error from Ray, or the pool's health check seeing its node dead (a call queued on a replica that Ray is
+        restarting would otherwise wait for a restart that may never come)."""
+        import ray
+
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.25)
+            if ready:
+                try:
+                    return ray.get(ref)
+                except Exception as e:
+                    why = _ray_failure(e)
+                    if why is None:
+                        raise BackendError(f"ray: replica {r.name}: {type(e).__name__}: {e}") from None
+                    raise _ReplicaLost(why) from None
+            if not r.up:
+                ray.cancel(ref)
+                raise _ReplicaLost(r.last_error or "replica went down")
+            if time.perf_counter() > until:
+                ray.cancel(ref)
+                raise BackendError(f"ray: replica {r.name} gave no answer within {self.timeout_s:g}s")
 
     def model_key(self, agent) -> str:
         return agent.model.base if agent is not None and agent.model.base else self.default
@@ -52,8 +80,6 @@ class RayBackend(Backend):
         return f"ray:{self.pool.label(key)}" + (f"+{adapter}" if adapter else "")
 
     def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False) -> Completion:
-        import ray
-
         key = self.model_key(agent)
         adapter = agent.model.adapter if agent is not None else None
         chat = as_chat(messages, agent.name if agent is not None else None)
@@ -61,10 +87,13 @@ class RayBackend(Backend):
         t0 = time.perf_counter()
         deadline = t0 + self.timeout_s
         retries: list[dict] = []
+        full = 0  # answers "queue full" (back-pressure) before one replica took the call
         while True:
             r = self.pool.acquire(key, affinity, deadline)
             if r is None:
                 tried = "; ".join(f"{x['replica']}: {x['error']}" for x in retries) or "none answered"
+                if full:
+                    tried += f"; {full} answers of queue full"
                 raise BackendError(f"ray: no replica of model {key!r} could serve the call within "
                                    f"{self.timeout_s:g}s [{self.pool.state(key)}] (attempts: {tried})")
             served = False
@@ -72,22 +101,16 @@ class RayBackend(Backend):
                 left = max(0.1, deadline - time.perf_counter())
                 ref = r.handle.generate.remote(chat, dict(params.__dict__), adapter, left, logprobs)
                 try:
-                    out = ray.get(ref, timeout=left + 5)
-                except ray.exceptions.GetTimeoutError:
-                    ray.cancel(ref)
-                    raise BackendError(f"ray: replica {r.name} gave no answer within {self.timeout_s:g}s") from None
-                except Exception as e:
-                    why = _ray_failure(e)
-                    if why is None:
-                        raise BackendError(f"ray: replica {r.name}: {type(e).__name__}: {e}") from None
-                    self.pool.mark_down(r, why)
-                    retries.append({"replica": r.name, "node": r.node[:12], "error": why,
+                    out = self._wait(r, ref, deadline + 5)
+                except _ReplicaLost as e:
+                    self.pool.mark_down(r, str(e))
+                    self.resubmitted += 1
+                    retries.append({"replica": r.name, "node": r.node[:12], "error": str(e),
                                     "after_s": round(time.perf_counter() - t0, 3)})
                     continue
                 kind = out.get("kind")
-                if kind == "queue_full":  # back-pressure: this replica's bounded queue is full; try again
-                    retries.append({"replica": r.name, "node": r.node[:12], "error": out["error"],
-                                    "after_s": round(time.perf_counter() - t0, 3)})
+                if kind == "queue_full":  # back-pressure: this replica's bounded queue is full; wait, pick again
+                    full += 1
                     time.sleep(0.05)
                     continue
                 if kind == "closed":
@@ -103,8 +126,15 @@ class RayBackend(Backend):
             route = {"replica": out["replica"], "node": out["node"][:12]}
             if retries:
                 route["retries"] = retries
+            if full:
+                route["queue_full_waits"] = full
             return Completion(out["text"], out["prompt_tokens"], out["completion_tokens"], out["cached_tokens"],
                               out["latency_s"], out["ttft_s"], out["logprobs"], out["finish_reason"], route)
+
+    def report_extra(self) -> dict:
+        """For the run report: calls each replica served, calls re-submitted, replicas that failed to load."""
+        return {"replica_calls": {r.name: r.served for r in self.pool.replicas}, "resubmitted_calls": self.resubmitted,
+                "replicas_failed_to_load": len(self.pool.failed)}
 
     def close(self) -> None:
         self.pool.close()

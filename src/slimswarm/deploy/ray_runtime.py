@@ -353,7 +353,13 @@ class ReplicaPool:
         import ray
 
         while not self._stop.wait(self._period):
+            try:
+                alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            except Exception:  # the cluster itself is unreachable: leave the states as they are
+                continue
             for r in list(self.replicas):
+                if r.up and r.node and r.node not in alive:
+                    self.mark_down(r, f"its node {r.node[:12]} died")
                 if r.up:
                     continue
                 if r._ping is None:
