@@ -54,7 +54,7 @@ def backend(cluster):
 
 def _files(tmp_path, team=TEAM, tasks=TASKS[:4]):
     t, f = tmp_path / "team.yaml", tmp_path / "tasks.jsonl"
-    t.write_text(yaml.safe_dump(team))
+    t.write_text(yaml.safe_dump(team, sort_keys=False))
     f.write_text("".join(json.dumps(x) + "\n" for x in tasks))
     return str(t), str(f)
 
@@ -121,13 +121,52 @@ def test_cluster_status_counters_move_and_prometheus_sums_the_replicas(backend, 
     assert "default/0" in text and "default/1" in text and "2/2 replicas up" in text
 
 
-def test_cli_team_run_ray_runs_the_team_and_traces_the_replica(cluster, tmp_path, capsys):
-    team = {**TEAM, "deploy": {"models": {"default": {"replicas": 1, "num_cpus": 0}}}}
+def test_the_http_server_in_front_of_the_replicas_answers_as_the_local_engine_does(backend, stories):
+    from fastapi.testclient import TestClient
+
+    from slimswarm.deploy.ray_serve import ReplicaFront
+    from slimswarm.engine.engine import Engine
+    from slimswarm.engine.server import create_app
+
+    messages = [{"role": "system", "content": "Once upon a time"}, {"role": "user", "content": "a cat sat"}]
+    ask = {"model": "stories", "messages": messages, "max_tokens": 12, "temperature": 0}
+    local = Engine(stories.model, stories.tokenizer, max_batch=2, max_len=256).start()
+    try:
+        with TestClient(create_app(local, "stories")) as http:
+            want_body = http.post("/v1/chat/completions", json=ask).json()
+    finally:
+        local.stop()
+    want = want_body["choices"][0]["message"]["content"]
+    front = ReplicaFront(backend, "default")
+    before = front.stats()["requests"]
+    with TestClient(create_app(front, "stories")) as http:
+        r = http.post("/v1/chat/completions", json=ask)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == want
+        for k in ("prompt_tokens", "completion_tokens"):  # (cached_tokens differ: the replicas' caches are warm)
+            assert body["usage"][k] == want_body["usage"][k] > 0
+        s = http.post("/v1/chat/completions", json={**ask, "stream": True})
+        assert s.status_code == 200 and want.strip()[:8] in s.text and "[DONE]" in s.text
+        assert http.get("/health").json()["status"] == "ok"
+        metrics = http.get("/metrics").text
+    total = float(next(x.split()[-1] for x in metrics.splitlines() if x.startswith("slimswarm_requests_total ")))
+    assert total == before + 2  # summed over both replicas
+
+
+def test_cli_team_run_ray_runs_the_team_while_a_replica_that_failed_to_load_says_why(cluster, tmp_path, capsys):
+    team = {**TEAM, "model": None, "models": {"default": TEAM["model"], "big": {"base": "/nowhere/llama-7b"}},
+            "deploy": {"models": {"default": {"replicas": 1, "num_cpus": 0}, "big": {"replicas": 1, "num_cpus": 0}}}}
+    del team["model"]
     t, f = _files(tmp_path, team)
     trace = tmp_path / "run.jsonl"
     assert main(["team", "run", t, "--tasks", f, "--ray", "--trace", str(trace), "--json", "--parallel", "4"]) == 0
-    out = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert out["summary"]["completion_rate"] == 1.0 and out["summary"]["replica_calls"] == {"default/0": 8}
+    out, err = capsys.readouterr()
+    assert err.startswith("slimswarm: replica big/0 failed to load: model /nowhere/llama-7b: ")
+    assert err.endswith(" (the others serve)\n") and err.count("\n") == 1
+    summary = json.loads(out.splitlines()[-1])["summary"]
+    assert summary["completion_rate"] == 1.0 and summary["replica_calls"] == {"default/0": 8}
+    assert summary["replicas_failed_to_load"] == 1
     calls = [json.loads(x) for x in trace.read_text().splitlines() if '"type": "call"' in x]
     assert len(calls) == 8 and all(c["route"]["replica"] == "default/0" for c in calls)
 
@@ -145,27 +184,6 @@ def test_a_deploy_no_node_or_replica_can_serve_is_a_one_line_error_before_any_ta
     assert main(["team", "run", t, "--tasks", f, "--ray"]) == 2
     out, err = capsys.readouterr()
     assert err == message and out == ""
-
-
-def test_a_replica_that_fails_to_load_says_why_and_the_others_serve(cluster):
-    from slimswarm.agents.backends import Completion
-    from slimswarm.agents.message import Message
-    from slimswarm.deploy.ray_backend import RayBackend
-    from slimswarm.deploy.ray_runtime import ReplicaPlan, ReplicaPool
-    from slimswarm.models.sampling import SamplingParams
-
-    good = parse_config(TEAM).models["default"].model_dump()
-    bad = {**good, "base": "/nowhere/llama-7b"}
-    pool = ReplicaPool.launch([ReplicaPlan("default", bad, num_cpus=0), ReplicaPlan("default", good, num_cpus=0)])
-    be = RayBackend(pool, timeout_s=30)
-    try:
-        assert [f["name"] for f in pool.failed] == ["default/0"]
-        assert pool.failed[0]["error"].startswith("model /nowhere/llama-7b: ")
-        assert [r.name for r in pool.replicas] == ["default/1"]
-        c = be.generate([Message("user", "Once upon a time")], SamplingParams(max_tokens=8))
-        assert isinstance(c, Completion) and c.completion_tokens > 0 and c.route["replica"] == "default/1"
-    finally:
-        be.close()
 
 
 def test_a_node_dying_mid_run_loses_no_task_and_its_replica_restarts_where_ray_can_place_it(cluster, backend):

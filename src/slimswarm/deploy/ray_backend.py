@@ -71,8 +71,10 @@ class RayBackend(Backend):
                 continue
             key = self.model_key(a)
             if key not in have:
-                raise SlimswarmError(f"agent {a.name}: no Ray replica serves model {key!r} (replicas serve: "
-                                     f"{', '.join(sorted(have)) or 'nothing'}; see deploy.models.{key}.replicas)")
+                why = "; ".join(f"{f['name']}: {f['error']}" for f in self.pool.failed if f["model"] == key)
+                raise SlimswarmError(f"agent {a.name}: no Ray replica serves model {key!r} ("
+                                     + (f"its replicas failed to load: {why}" if why else
+                                        f"replicas serve: {', '.join(sorted(have)) or 'nothing'}") + ")")
 
     def model_label(self, agent) -> str:
         key = self.model_key(agent)
@@ -84,8 +86,17 @@ class RayBackend(Backend):
         adapter = agent.model.adapter if agent is not None else None
         chat = as_chat(messages, agent.name if agent is not None else None)
         affinity = adapter or (agent.name if agent is not None else "")
+        out, route = self.call(key, affinity, "generate", chat, dict(params.__dict__), adapter, logprobs)
+        return Completion(out["text"], out["prompt_tokens"], out["completion_tokens"], out["cached_tokens"],
+                          out["latency_s"], out["ttft_s"], out["logprobs"], out["finish_reason"], route)
+
+    def call(self, key: str, affinity: str, method: str, *args, timeout_s: float | None = None) -> tuple[dict, dict]:
+        """``replica.method(*args, time_left)`` on a replica of model ``key``, re-submitted (from scratch) to
+        another replica when its replica goes away, until one answers or the deadline passes (BackendError).
+        Returns the replica's answer and the route: replica, node, and the retries before it."""
         t0 = time.perf_counter()
-        deadline = t0 + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = t0 + timeout_s
         retries: list[dict] = []
         full = 0  # answers "queue full" (back-pressure) before one replica took the call
         while True:
@@ -95,11 +106,11 @@ class RayBackend(Backend):
                 if full:
                     tried += f"; {full} answers of queue full"
                 raise BackendError(f"ray: no replica of model {key!r} could serve the call within "
-                                   f"{self.timeout_s:g}s [{self.pool.state(key)}] (attempts: {tried})")
+                                   f"{timeout_s:g}s [{self.pool.state(key)}] (attempts: {tried})")
             served = False
             try:
                 left = max(0.1, deadline - time.perf_counter())
-                ref = r.handle.generate.remote(chat, dict(params.__dict__), adapter, left, logprobs)
+                ref = getattr(r.handle, method).remote(*args, left)
                 try:
                     out = self._wait(r, ref, deadline + 5)
                 except _ReplicaLost as e:
@@ -128,8 +139,7 @@ class RayBackend(Backend):
                 route["retries"] = retries
             if full:
                 route["queue_full_waits"] = full
-            return Completion(out["text"], out["prompt_tokens"], out["completion_tokens"], out["cached_tokens"],
-                              out["latency_s"], out["ttft_s"], out["logprobs"], out["finish_reason"], route)
+            return out, route
 
     def report_extra(self) -> dict:
         """For the run report: calls each replica served, calls re-submitted, replicas that failed to load."""

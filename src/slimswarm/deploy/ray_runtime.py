@@ -108,20 +108,19 @@ class EngineReplica:
 
     def _info(self) -> dict:
         adapters = list(self.engine.adapters.names) if self.engine is not None and self.engine.adapters else []
+        eng = self.engine
         return {"name": self.name, "model": self.model_key, "ok": self.error is None, "error": self.error,
                 "node": self.node_id, "pid": self.pid, "restarted": self.restarted, "label": self.label,
-                "adapters": adapters}
+                "adapters": adapters, "max_len": eng.max_len if eng else None,
+                "vocab_size": eng.vocab_size if eng else None}
 
     async def ready(self) -> dict:
         return self._info()
 
-    async def generate(self, chat: list[dict], params: dict, adapter: str | None, timeout_s: float | None,
-                       logprobs: bool) -> dict:
+    async def generate(self, chat: list[dict], params: dict, adapter: str | None, logprobs: bool,
+                       timeout_s: float | None) -> dict:
         """One chat call on this replica's engine; errors come back as {"error", "kind"} (kind: queue_full,
         closed, bad_request, timeout, failed) so the caller decides whether another replica may retry it."""
-        from ..engine.engine import EngineClosed, QueueFull
-        from ..models.sampling import SamplingParams
-
         eng = self.engine
         if eng is None:
             return {"error": self.error, "kind": "closed"}
@@ -131,6 +130,17 @@ class EngineReplica:
             return {"error": f"prompt of {len(ids)} tokens does not fit the engine context of {eng.max_len}",
                     "kind": "bad_request"}
         params = {**params, "max_tokens": min(params["max_tokens"], room)}
+        return await self.generate_ids(ids, params, adapter, logprobs, 0, timeout_s)
+
+    async def generate_ids(self, ids: list[int], params: dict, adapter: str | None, logprobs: bool,
+                           top_logprobs: int, timeout_s: float | None) -> dict:
+        """The same on token ids (the HTTP front tokenizes itself), with the engine's per-token detail."""
+        from ..engine.engine import EngineClosed, QueueFull
+        from ..models.sampling import SamplingParams
+
+        eng = self.engine
+        if eng is None:
+            return {"error": self.error, "kind": "closed"}
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -140,7 +150,7 @@ class EngineReplica:
 
         try:
             req = eng.submit(ids, SamplingParams(**params), adapter=adapter, timeout_s=timeout_s, logprobs=logprobs,
-                             on_event=on_event)
+                             top_logprobs=top_logprobs, on_event=on_event)
         except QueueFull as e:
             return {"error": f"replica {self.name}: {e}", "kind": "queue_full"}
         except EngineClosed as e:
@@ -159,7 +169,12 @@ class EngineReplica:
         return {"text": req.text, "prompt_tokens": len(ids), "completion_tokens": len(req.tokens),
                 "cached_tokens": req.cached_tokens, "latency_s": req.latency_s or 0.0, "ttft_s": req.ttft_s,
                 "logprobs": list(req.token_logprobs) if logprobs else None, "finish_reason": req.finish_reason,
+                "tokens": list(req.tokens), "top": [list(t) for t in req.top],
                 "replica": self.name, "node": self.node_id}
+
+    async def tokenizer(self):
+        """This replica's tokenizer, for an HTTP front that must tokenize as the engine does."""
+        return self.engine.tokenizer if self.engine is not None else None
 
     async def stats(self) -> dict:
         """Engine counters plus where this replica runs and the memory of its process and node."""
@@ -220,6 +235,7 @@ class Replica:
     failures: int = 0
     restarts: int = 0
     last_error: str | None = None
+    info: dict = field(default_factory=dict)  # what ready() said: adapters, max_len, vocab_size, ...
     _ping: object = None
 
 
@@ -255,7 +271,8 @@ class ReplicaPool:
     def launch(cls, plans: list[ReplicaPlan], load_timeout_s: float = 900.0, run_id: str | None = None,
                **kw) -> "ReplicaPool":
         """Start every planned replica (checking first that some node can hold each), wait until each has loaded
-        its model; a replica that failed to load is reported in ``failed`` and removed, the others serve."""
+        its model; a replica that failed to load is reported in ``failed`` and removed, the others serve (whether
+        every model an agent needs still has a replica is RayBackend.check's question)."""
         import ray
 
         for p in plans:
@@ -286,22 +303,22 @@ class ReplicaPool:
         for (p, name, h), info in zip(started, infos):
             if info["ok"]:
                 cap = int(p.spec.get("max_batch", 8)) + p.max_waiting
-                replicas.append(Replica(name, p.model_key, h, cap, info["node"], info["label"]))
+                replicas.append(Replica(name, p.model_key, h, cap, info["node"], info["label"], info=info))
             else:
                 failed.append({"name": name, "model": p.model_key, "error": info["error"]})
                 ray.kill(h, no_restart=True)
-        served = {r.model_key for r in replicas}
-        lost = sorted({f["model"] for f in failed} - served)
-        if lost:
-            for r in replicas:
-                ray.kill(r.handle, no_restart=True)
-            errs = "; ".join(f"{f['name']}: {f['error']}" for f in failed if f["model"] in lost)
-            raise SlimswarmError(f"model {lost[0]}: no replica loaded it ({errs})")
+        if not replicas:
+            errs = "; ".join(f"{f['name']}: {f['error']}" for f in failed)
+            raise SlimswarmError(f"no replica loaded its model ({errs})")
         return cls(replicas, failed, **kw)
 
     # ------------------------------------------------------------------ routing
     def models(self) -> set[str]:
         return {r.model_key for r in self.replicas}
+
+    def has_room(self, model_key: str) -> bool:
+        with self._cv:
+            return any(r.model_key == model_key and r.up and r.outstanding < r.capacity for r in self.replicas)
 
     def label(self, model_key: str) -> str:
         return next((r.label for r in self.replicas if r.model_key == model_key), model_key)
