@@ -109,6 +109,8 @@ def test_cluster_status_counters_move_and_prometheus_sums_the_replicas(backend, 
     assert all(after[n]["generated_tokens"] > before[n]["generated_tokens"] for n in after)
     assert st["totals"]["requests"] == after["default/0"]["requests"] + after["default/1"]["requests"]
     assert all(r["state"] == "up" and r["kv_cache_bytes"] > 0 and r["rss_bytes"] > 0 for r in after.values())
+    # async replicas: concurrent calls share decode steps (the engine batched them)
+    assert sum(r["decode_rows"] for r in after.values()) > 1.5 * sum(r["steps"] for r in after.values())
     by_node = {n["node"]: n for n in st["nodes"] if n["replicas"]}
     assert len(by_node) == 2 and all(n["memory_total_bytes"] > n["memory_used_bytes"] > 0 for n in by_node.values())
     assert main(["cluster", "status", "--prometheus"]) == 0

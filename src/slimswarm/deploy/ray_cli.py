@@ -27,8 +27,16 @@ def team_ray_backend(cfg, address: str, timeout_s: float, agents):
     for f in pool.failed:
         print(f"slimswarm: replica {f['name']} failed to load: {f['error']} (the others serve)", file=sys.stderr)
     backend = RayBackend(pool, timeout_s, default=next(iter(cfg.models)))
-    backend.check(agents)
-    return backend
+    try:
+        backend.check(agents)
+    except SlimswarmError:
+        backend.close()
+        raise
+    if not cfg.endpoints:
+        return backend
+    from ..agents.backends import HTTPBackend, RoutedBackend  # agents on declared endpoints still go there
+
+    return RoutedBackend(backend, {k: HTTPBackend(e.url, e.model, e.timeout_s) for k, e in cfg.endpoints.items()})
 
 
 def cmd_cluster_status(args) -> int:

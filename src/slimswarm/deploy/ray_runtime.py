@@ -82,7 +82,8 @@ def check_placeable(resources: dict[str, float], num_cpus: float, where: str) ->
 class EngineReplica:
     """One Engine on one Ray node (wrapped by ``ray.remote`` in ``replica_actor``)."""
 
-    def __init__(self, name: str, model_key: str, spec: dict, max_waiting: int = 64, threads: int = 1):
+    def __init__(self, name: str, model_key: str, spec: dict, max_waiting: int = 64, threads: int = 1,
+                 ignore_eos: bool = False):
         import ray
         import torch
 
@@ -101,6 +102,8 @@ class EngineReplica:
 
             eng = load_engine(ModelSpec(**spec))
             eng.max_waiting = max_waiting
+            if ignore_eos:  # fixed-length answers, for benchmarks that must compare equal work
+                eng.eos = set()
             self.engine = eng.start()
             self.label = Path(str(eng.source)).name + (f"@{eng.recipe}" if eng.recipe else "")
         except Exception as e:
@@ -219,6 +222,7 @@ class ReplicaPlan:
     threads: int | None = None
     max_waiting: int = 64
     max_restarts: int = 3
+    ignore_eos: bool = False  # benchmarks: every answer runs to max_tokens
 
 
 @dataclass(eq=False)
@@ -296,11 +300,21 @@ class ReplicaPool:
             threads = p.threads or max(1, int(p.num_cpus))
             h = actor.options(name=f"{_PREFIX}{run_id}:{name}", namespace=NAMESPACE, num_cpus=p.num_cpus,
                               resources=p.resources or None, max_restarts=p.max_restarts, max_task_retries=0,
-                              max_concurrency=1000).remote(name, p.model_key, p.spec, p.max_waiting, threads)
+                              max_concurrency=1000).remote(name, p.model_key, p.spec, p.max_waiting, threads,
+                                                           p.ignore_eos)
             started.append((p, name, h))
-        infos = ray.get([h.ready.remote() for _, _, h in started], timeout=load_timeout_s)
+        refs = [h.ready.remote() for _, _, h in started]
+        t_end = time.perf_counter() + load_timeout_s
         replicas, failed = [], []
-        for (p, name, h), info in zip(started, infos):
+        for (p, name, h), ref in zip(started, refs):
+            try:  # an actor that cannot even be created (slimswarm missing on its node, ...) fails alone too
+                info = ray.get(ref, timeout=max(0.0, t_end - time.perf_counter()))
+            except Exception as e:
+                if isinstance(e, ray.exceptions.GetTimeoutError):
+                    why = f"did not load within {load_timeout_s:g}s"
+                else:
+                    why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+                info = {"ok": False, "error": f"model {p.spec.get('base')}: {why}"}
             if info["ok"]:
                 cap = int(p.spec.get("max_batch", 8)) + p.max_waiting
                 replicas.append(Replica(name, p.model_key, h, cap, info["node"], info["label"], info=info))
