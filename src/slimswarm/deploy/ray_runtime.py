@@ -190,8 +190,8 @@ class EngineReplica:
             out.update(self.engine.stats())
         return out
 
-    async def ping(self) -> str:
-        return self.node_id
+    async def ping(self) -> dict:
+        return {"node": self.node_id, "pid": self.pid}
 
     async def shutdown(self) -> None:
         if self.engine is not None:
@@ -247,10 +247,20 @@ def plans_from_config(cfg) -> list[ReplicaPlan]:
     """A team config's ``deploy:`` section as replica plans (a model without an entry gets one replica)."""
     from ..agents.config import ReplicaSetSpec
 
+    from pathlib import Path
+
+    def absolute(p: str) -> str:  # a replica's working folder is not the caller's: local paths go absolute
+        return str(Path(p).resolve()) if Path(p).exists() else p
+
     plans = []
     for key, spec in cfg.models.items():
         rs = cfg.deploy.models.get(key, ReplicaSetSpec())
-        plans += [ReplicaPlan(key, spec.model_dump(), dict(rs.resources), rs.num_cpus, rs.threads, rs.max_waiting,
+        d = spec.model_dump()
+        d["base"] = absolute(d["base"])
+        d["adapters"] = {k: absolute(v) for k, v in d["adapters"].items()}
+        if d.get("compress"):
+            d["compress"] = absolute(d["compress"])
+        plans += [ReplicaPlan(key, d, dict(rs.resources), rs.num_cpus, rs.threads, rs.max_waiting,
                               cfg.deploy.max_restarts) for _ in range(rs.replicas)]
     return plans
 
@@ -403,11 +413,13 @@ class ReplicaPool:
                     continue
                 ref, r._ping = r._ping, None
                 try:
-                    node = ray.get(ref)
+                    where = ray.get(ref)
                 except Exception:  # still unavailable (restarting) or dead for good: ping again next round
                     continue
-                with self._cv:
-                    r.up, r.node, r.restarts = True, node, r.restarts + 1
+                with self._cv:  # a new process means Ray restarted the replica (maybe on another node)
+                    r.restarts += where["pid"] != r.info.get("pid") or where["node"] != r.node
+                    r.up, r.node = True, where["node"]
+                    r.info.update(where)
                     self._cv.notify_all()
 
     def stats(self) -> list[dict]:
