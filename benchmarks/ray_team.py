@@ -1,9 +1,10 @@
 """The team_throughput workload (8 agents, each with its own random r=8 LoRA, on one int4 w4g128-rtn SmolLM2 base;
 64 requests arriving at once, 32 tokens each, EOS ignored) through the agents' backends: the local Engine against
-the Ray backend with 1 replica and with 2 replicas on 2 nodes; then the 1-replica service curve (closed loop at
-1, 2, 4, 8 calls in flight) and, from it, a model of N nodes: throughput and p95 latency against request rate.
+the Ray backend with 1 replica (alternating rounds, so the machine's drift hits both), the per-call overhead of the
+Ray path, the 1-replica service curve (closed loop at 1, 2, 4, 8 calls in flight), 2 replicas on 2 nodes, and from
+the curve a model of N nodes: throughput and p95 latency against request rate.
 
-    nice .venv/bin/python benchmarks/ray_team.py [--requests 64] [--max-tokens 32] [--threads 1]
+    nice .venv/bin/python benchmarks/ray_team.py [--requests 64] [--max-tokens 32] [--threads 1] [--rounds 2]
 
 Ray runs only inside a fresh network namespace with loopback alone: the script re-executes itself under
 ``unshare -n`` (root needed). Both Ray nodes of the 2-replica run are processes on this same 2-core machine, so
@@ -13,7 +14,6 @@ that run measures the cost of splitting, not a speedup. Writes benchmarks/result
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import random
