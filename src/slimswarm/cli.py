@@ -507,6 +507,10 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1 or args.max_waiting < 1 or args.max_len < 16:
         raise SlimswarmError("--max-batch and --max-waiting must be >= 1, --max-len >= 16")
     api_key = args.api_key or os.environ.get("SLIMSWARM_API_KEY") or None
+    if args.ray is not None:  # the same API in front of engine replicas on a Ray cluster (the deploy layer)
+        from .deploy.ray_serve import cmd_serve_ray
+
+        return cmd_serve_ray(args, name, adapters, api_key)
     loaded = _load(args)
     bank = None
     if adapters:
@@ -647,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-len", type=int, default=2048, help="context length per sequence (KV cache slots)")
     sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SLIMSWARM_API_KEY, else none)")
+    sv.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                    help="serve from engine replicas on a Ray cluster (auto: this machine's, or a new local one)")
+    sv.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas to start")
+    sv.add_argument("--resources", nargs="+", metavar="NAME=AMOUNT", help="with --ray: Ray resources per replica")
+    sv.add_argument("--num-cpus", type=float, default=1.0, help="with --ray: CPUs Ray reserves per replica")
     sv.set_defaults(fn=cmd_serve)
 
     ex = sub.add_parser("export", help="export a checkpoint to GGUF (llama.cpp) or ONNX (ONNX Runtime), or an adapter to a llama.cpp LoRA GGUF")
@@ -659,8 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
 
     from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
+    from .deploy.ray_cli import add_cluster_parser, team_ray_backend  # Ray: the deploy layer, injected
 
-    add_team_parser(sub)
+    add_team_parser(sub, ray_backend=team_ray_backend)
+    add_cluster_parser(sub)
 
     from .deploy.command import add_deploy_parsers  # `devices probe`, `plan`: the deploy layer owns its arguments
 

@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 import re
 
+from typing import TYPE_CHECKING
+
+from .agent import Agent
 from .runtime import TaskContext, parallel_map
-from .team import Team, invoke
 from .voting import debate, majority_vote, normalize, weighted_vote
 
+if TYPE_CHECKING:  # team.py imports this module; the names below are only annotations here
+    from .team import Team
 
-def pipeline(team: Team, text: str, ctx: TaskContext) -> str:
+
+def invoke(member, text: str, ctx: TaskContext) -> str:
+    """A member's output for ``text``: an agent answers, a team runs its topology."""
+    if isinstance(member, Agent):
+        return ctx.ask(member, text).content
+    return member.run(text, ctx)
+
+
+def pipeline(team: "Team", text: str, ctx: TaskContext) -> str:
     """Each member transforms the previous member's output; the first gets the task."""
     out = text
     for m in team.members:
@@ -50,7 +62,7 @@ def parse_subtasks(reply: str) -> list[dict]:
     return out
 
 
-def assign(team: Team, subtask: dict, i: int):
+def assign(team: "Team", subtask: dict, i: int):
     """The member for a subtask: one whose capabilities include the named capability, else one whose capability
     word occurs in the subtask's text, else round robin over the members."""
     workers = team.members
@@ -66,7 +78,7 @@ def assign(team: Team, subtask: dict, i: int):
     return workers[i % len(workers)]
 
 
-def orchestrator(team: Team, text: str, ctx: TaskContext) -> str:
+def orchestrator(team: "Team", text: str, ctx: TaskContext) -> str:
     """The planner splits the task into subtasks, each goes to a member by capability (all concurrently), and the
     aggregator combines their results. A plan that parses to nothing becomes one subtask: the task itself."""
     caps = ", ".join(f"{m.name} ({', '.join(m.capabilities) or 'general'})" for m in team.members)
@@ -96,7 +108,7 @@ def _pick(replies: list[str], winner: str | None, extract) -> str:
     return replies[0] if replies else ""
 
 
-def peer(team: Team, text: str, ctx: TaskContext) -> str:
+def peer(team: "Team", text: str, ctx: TaskContext) -> str:
     """Members post to a shared board for up to ``rounds`` rounds, each seeing the others' last posts; stops once
     their extracted answers agree. The answer is the last round's majority."""
     ex = team.extract
@@ -106,7 +118,7 @@ def peer(team: Team, text: str, ctx: TaskContext) -> str:
     return _pick(history[-1], result.answer, ex)
 
 
-def vote(team: Team, text: str, ctx: TaskContext) -> str:
+def vote(team: "Team", text: str, ctx: TaskContext) -> str:
     """Members answer independently and vote (majority, confidence-weighted, or debate rounds); an aggregator,
     when set, sees the ballots and writes the final answer."""
     ex = team.extract
@@ -115,7 +127,7 @@ def vote(team: Team, text: str, ctx: TaskContext) -> str:
     replies = []
 
     def one(m):
-        if isinstance(m, Team):
+        if not isinstance(m, Agent):  # a sub-team
             return m.run(text, ctx), None
         msg = ctx.ask(m, text)
         return msg.content, getattr(msg.metadata.get("completion"), "logprobs", None)
@@ -132,7 +144,7 @@ def vote(team: Team, text: str, ctx: TaskContext) -> str:
     return _pick(replies, result.answer, ex)
 
 
-def hierarchy(team: Team, text: str, ctx: TaskContext) -> str:
+def hierarchy(team: "Team", text: str, ctx: TaskContext) -> str:
     """A team of teams: every member (agent or sub-team) works on the task concurrently; the lead (aggregator)
     combines their outputs, or without one the members' majority answer wins."""
     outs = parallel_map(lambda m: invoke(m, text, ctx), team.members)
@@ -143,7 +155,7 @@ def hierarchy(team: Team, text: str, ctx: TaskContext) -> str:
                                     f"Give the final answer.").content
 
 
-def route(team: Team, text: str, ctx: TaskContext) -> str:
+def route(team: "Team", text: str, ctx: TaskContext) -> str:
     """The team's router picks one member for the task; the choice is noted so the runner can reward it."""
     arm = team.router.choose(text, ctx)
     member = team.member(arm)

@@ -52,6 +52,8 @@ class Tracer:
                        finish_reason=comp.finish_reason)
             if comp.logprobs is not None:
                 rec["logprobs"] = comp.logprobs
+            if getattr(comp, "route", None):
+                rec["route"] = comp.route
         self.add(rec)
 
     def tool(self, task_id, agent: str, tool: str, arguments, result, error: str | None) -> None:
