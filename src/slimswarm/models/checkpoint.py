@@ -9,8 +9,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from ..errors import SlimswarmError
 from .llama import CausalLM, ModelConfig, rope_inv_freq
@@ -103,58 +105,116 @@ def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, ove
     return out
 
 
+class _QuantEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    bits: Literal[2, 3, 4, 8]
+    group_size: StrictInt
+    tied: StrictBool = False
+
+
+class _CheckpointDoc(BaseModel):
+    """The parts of slimswarm.json the loader reads; the rest (recipe, parent, passes ...) is metadata."""
+    model_config = ConfigDict(extra="allow")
+    format: Literal["slimswarm/1"]
+    config: dict[str, Any]
+    tokenizer: Literal["hf", "sentencepiece"]
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    quantization: dict[str, _QuantEntry] = {}
+    modules: dict[str, dict[str, Any]] = {}
+
+
+def _read_doc(path: Path) -> tuple[dict, _CheckpointDoc]:
+    meta = path / "slimswarm.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise SlimswarmError(f"{meta}: unreadable ({e})") from None
+    if isinstance(doc, dict) and doc.get("format") != FORMAT:
+        raise SlimswarmError(f"{meta}: unknown format {doc.get('format')!r} (expected {FORMAT})")
+    try:
+        return doc, _CheckpointDoc.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "document"
+        raise SlimswarmError(f"{meta}: {loc}: {err['msg']}") from None
+
+
+def _build(cfg: ModelConfig, d: _CheckpointDoc, target: torch.dtype, source: Path) -> CausalLM:
+    """The model described by slimswarm.json, its quantized and compressed modules in place, tensors unfilled."""
+    from ..compress.quant.linear import QuantEmbedding, QuantLinear
+
+    model = CausalLM(cfg).to(target)
+    try:
+        for name, info in d.quantization.items():
+            if name == "lm_head":
+                head = QuantLinear(cfg.hidden_size, cfg.vocab_size, info.bits, info.group_size)
+                model.lm_head = head
+                if info.tied:
+                    model.model.embed_tokens = QuantEmbedding(head, shared=True)
+                else:
+                    model.model.embed_tokens = QuantEmbedding(
+                        QuantLinear(cfg.hidden_size, cfg.vocab_size, info.bits, info.group_size), shared=False)
+                continue
+            lin = model.get_submodule(name)
+            if not isinstance(lin, torch.nn.Linear):
+                raise SlimswarmError(f"quantization.{name}: not a linear layer")
+            ql = QuantLinear(lin.in_features, lin.out_features, info.bits, info.group_size, lin.bias is not None)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, ql)
+        for name, spec in d.modules.items():
+            spec = dict(spec)
+            cls = _module_class(spec.pop("type", None), source / "slimswarm.json")
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, cls.from_spec(spec))
+    except SlimswarmError as e:
+        raise SlimswarmError(f"{source / 'slimswarm.json'}: {e}") from None
+    except (AttributeError, TypeError, ValueError, KeyError) as e:  # a module name or a constructor argument is off
+        raise SlimswarmError(f"{source / 'slimswarm.json'}: modules do not fit the model "
+                             f"({type(e).__name__}: {e})") from None
+    if cfg.tie_word_embeddings and "lm_head" not in d.quantization:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
-    """Rebuild the (compressed) model exactly as saved: quantized modules first, then the tensors."""
+    """Rebuild the (compressed) model exactly as saved: quantized modules first, then the tensors. The model is
+    built on the meta device and checked against the file's tensors before any real memory is taken."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..compress.quant.linear import QuantEmbedding, QuantLinear
     from .load import Loaded
+    from .validate import check_layer_count, check_shapes
 
     path = Path(path)
-    try:
-        doc = json.loads((path / "slimswarm.json").read_text())
-    except (json.JSONDecodeError, OSError) as e:
-        raise SlimswarmError(f"{path / 'slimswarm.json'}: unreadable ({e})") from None
-    if doc.get("format") != FORMAT:
-        raise SlimswarmError(f"{path / 'slimswarm.json'}: unknown format {doc.get('format')!r} (expected {FORMAT})")
+    doc, d = _read_doc(path)
     try:
         sd = load_file(str(path / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise SlimswarmError(f"{path / 'model.safetensors'}: corrupt or truncated ({str(e).splitlines()[0]})") from None
-    cfg = ModelConfig(**doc["config"])
-    target = dtype or getattr(torch, doc.get("dtype", "float32"))
-    model = CausalLM(cfg).to(target)
-    q = doc.get("quantization", {})
-    for name, info in q.items():
-        if name == "lm_head":
-            head = QuantLinear(cfg.hidden_size, cfg.vocab_size, info["bits"], info["group_size"])
-            model.lm_head = head
-            if info["tied"]:
-                model.model.embed_tokens = QuantEmbedding(head, shared=True)
-            else:
-                model.model.embed_tokens = QuantEmbedding(
-                    QuantLinear(cfg.hidden_size, cfg.vocab_size, info["bits"], info["group_size"]), shared=False)
-            continue
-        lin = model.get_submodule(name)
-        ql = QuantLinear(lin.in_features, lin.out_features, info["bits"], info["group_size"], lin.bias is not None)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, ql)
-    for name, spec in doc.get("modules", {}).items():
-        spec = dict(spec)
-        cls = _module_class(spec.pop("type", None), path / "slimswarm.json")
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, cls.from_spec(spec))
-    if cfg.tie_word_embeddings and "lm_head" not in q:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    try:
+        cfg = ModelConfig(**d.config)
+    except TypeError as e:  # an unknown or missing field
+        raise SlimswarmError(f"{path / 'slimswarm.json'}: config: {e}") from None
+    except SlimswarmError as e:
+        raise SlimswarmError(f"{path / 'slimswarm.json'}: {e}") from None
+    target = dtype or getattr(torch, d.dtype)
+    check_layer_count(cfg.num_hidden_layers, sd, str(path))
+    with torch.device("meta"):
+        skeleton = _build(cfg, d, target, path)
+    check_shapes(skeleton, sd, str(path))
+    del skeleton
+    model = _build(cfg, d, target, path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
         raise SlimswarmError(f"{path}: checkpoint does not match its slimswarm.json "
                              f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+    for name, m in model.named_modules():
+        if hasattr(m, "check_loaded"):  # compressed formats whose indices must stay inside their matrix
+            m.check_loaded(f"{path}: {name}")
     model.inv_freq = rope_inv_freq(cfg).float()
     model.eval()
-    if doc["tokenizer"] == "hf":
+    if d.tokenizer == "hf":
         from .hf import read_hf_tokenizer
 
         tok = read_hf_tokenizer(path, cfg)

@@ -27,6 +27,9 @@ _GGUF_TO_HF = {
 }
 
 
+_TOP_LEVEL = ("token_embd.weight", "output_norm.weight", "output.weight")
+
+
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo the interleaved-pair RoPE layout (llama.cpp, Meta, llama2.c) into Hugging Face's half split."""
     out = w.shape[0]
@@ -40,19 +43,11 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(ModelConfig, state dict in our names, GGUFReader) from a GGUF file."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    path = Path(path)
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # truncated or not a GGUF at all
-        raise SlimswarmError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+def _gguf_config(reader, path: Path) -> ModelConfig:
+    """Our config from the GGUF metadata (raises TypeError/ValueError on missing or mistyped fields)."""
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
-        raise SlimswarmError(f"{path}: unsupported architecture {arch!r} (llama, qwen2, mistral)")
+        raise SlimswarmError(f"unsupported architecture {arch!r} (llama, qwen2, mistral)")
     g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
     n_heads, n_kv = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -80,27 +75,47 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         eos_token_id=[] if eos is None else [int(eos)],
         model_type=arch,
     )
+    return cfg
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(ModelConfig, state dict in our names, GGUFReader) from a GGUF file."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # truncated or not a GGUF at all
+        raise SlimswarmError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    try:
+        cfg = _gguf_config(reader, path)
+    except SlimswarmError as e:
+        raise SlimswarmError(f"{path}: {e}") from None
+    except (TypeError, ValueError, OverflowError, KeyError, IndexError) as e:  # a metadata field missing or mistyped
+        raise SlimswarmError(f"{path}: bad or missing model metadata ({type(e).__name__}: {e})") from None
+    arch, n_heads, n_kv = cfg.model_type, cfg.num_attention_heads, cfg.num_key_value_heads
     sd: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        parts = t.name.split(".")
+        if t.name not in _TOP_LEVEL and not (len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_TO_HF):
+            continue  # e.g. rope_freqs: recomputed from the config
         try:
             arr = dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise SlimswarmError(f"{path}: tensor {t.name!r} cannot be read ({e})") from None
-        rows = [int(x) for x in reversed(t.shape.tolist())]
-        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(rows))
-        parts = t.name.split(".")
+            rows = [int(x) for x in reversed(t.shape.tolist())]
+            w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(rows))
+            if arch == "llama" and parts[2:3] in (["attn_q"], ["attn_k"]):  # llama.cpp permutes q/k for llama only
+                w = unpermute_rope(w, n_heads if parts[2] == "attn_q" else n_kv)
+        except Exception as e:  # noqa: BLE001 - the de-quantizer's and numpy's errors alike: a corrupt tensor
+            raise SlimswarmError(f"{path}: tensor {t.name!r} cannot be read ({type(e).__name__}: {e})") from None
         if t.name == "token_embd.weight":
             key = "model.embed_tokens.weight"
         elif t.name == "output_norm.weight":
             key = "model.norm.weight"
         elif t.name == "output.weight":
             key = "lm_head.weight"
-        elif parts[0] == "blk" and parts[2] in _GGUF_TO_HF:
-            key = f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}.{parts[3]}"
-            if arch == "llama" and parts[2] in ("attn_q", "attn_k"):  # llama.cpp permutes q/k for llama only
-                w = unpermute_rope(w, n_heads if parts[2] == "attn_q" else n_kv)
         else:
-            continue  # e.g. rope_freqs: recomputed from the config
+            key = f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}.{parts[3]}"
         sd[key] = w.to(dtype)
     return cfg, sd, reader
 
@@ -116,7 +131,10 @@ def gguf_tokenizer(path: str | Path, cfg: ModelConfig) -> HFTokenizer:
     if (cache / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(str(cache))
     else:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # noqa: BLE001 - transformers' converter fails in many ways on a broken vocabulary
+            raise SlimswarmError(f"{path}: the embedded tokenizer cannot be read ({type(e).__name__}: {e})") from None
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         tok.save_pretrained(str(tmp))
         cache.parent.mkdir(parents=True, exist_ok=True)

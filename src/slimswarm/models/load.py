@@ -49,9 +49,14 @@ class Loaded:
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype=torch.float32) -> CausalLM:
-    """Instantiate our model and load a state dict in Hugging Face names, strictly."""
+    """Instantiate our model and load a state dict in Hugging Face names, strictly (shapes checked on the meta
+    device first, so a config that disagrees with its weights allocates nothing)."""
+    from .validate import check_layer_count, check_shapes
+
+    check_layer_count(cfg.num_hidden_layers, sd, source)
     with torch.device("meta"):
         model = CausalLM(cfg)
+    check_shapes(model, sd, source)
     sd = dict(sd)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
