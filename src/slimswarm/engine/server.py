@@ -96,6 +96,56 @@ class CompletionBody(_Body):
     best_of: int | None = None
 
 
+def _body_schema(cls) -> dict:
+    """An OpenAPI requestBody for a handler that reads its JSON itself (size limit first, then validation): the
+    pydantic schema with its definitions inlined, so /openapi.json documents, and fuzzers can exercise, every field."""
+    schema = cls.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}},
+            "responses": {"200": {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+                          **{str(code): r for code, r in _error_responses().items()}}}
+
+
+def _error_responses() -> dict:
+    """Every status a handler may answer with besides 200, each in OpenAI's error shape (documented in /openapi.json)."""
+    error = {"description": "An OpenAI-shaped error", "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    return {code: error for code in _TYPES}
+
+
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}  # one data: line
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server would answer anyone who can reach ``host`` without a key; None on loopback."""
+    import ipaddress
+
+    if api_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"binding {host} without --api-key: anyone who can reach this address can use the model "
+            "(set --api-key or $SLIMSWARM_API_KEY, or bind 127.0.0.1)")
+
+
 def _parse(cls, data: Any):
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -111,7 +161,7 @@ def _parse(cls, data: Any):
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, request_timeout_s: float | None = 600.0) -> FastAPI:
     """The FastAPI app serving ``engine`` as model ``model_name`` (and each of its adapters under its own name)."""
-    app = FastAPI(title="slimswarm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="slimswarm", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
     created = int(time.time())
     tok = engine.tokenizer
@@ -289,7 +339,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
 
     # ------------------------------------------------------------------------------------------ endpoints
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatBody))
     async def chat_completions(request: Request):
         check_key(request)
         body = _parse(ChatBody, await read_json(request))
@@ -326,7 +376,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
                 "choices": [choice], "usage": usage(req), "system_fingerprint": None}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionBody))
     async def completions(request: Request):
         check_key(request)
         body = _parse(CompletionBody, await read_json(request))
@@ -370,18 +420,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return {"id": m, "object": "model", "created": created, "owned_by": "slimswarm",
                 **({"parent": model_name} if m != model_name else {})}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_error_responses())
     async def models(request: Request):
         check_key(request)
         return {"object": "list", "data": [model_card(m) for m in model_ids()]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", responses=_error_responses())
     async def model(request: Request, model_id: str):
         check_key(request)
         adapter_for(model_id)  # 404 when unknown
         return model_card(model_id)
 
-    @app.get("/health")
+    @app.get("/health", responses=_error_responses())
     async def health():
         s = engine.stats()
         ok = s["running"] and not engine.closed
@@ -389,7 +439,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 "queue_depth": s["queue_depth"]}
         return JSONResponse(body, 200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=_error_responses(), response_class=PlainTextResponse)
     async def metrics(request: Request):
         check_key(request)
         return PlainTextResponse(prometheus_text(engine.stats()), media_type="text/plain; version=0.0.4")

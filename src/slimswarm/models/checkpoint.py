@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,11 +69,13 @@ def file_sha256(path: str | Path) -> str:
 def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
+    from ..atomic import publish_dir, recover, staging_dir
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    recover(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise SlimswarmError(f"{out}: output folder exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
@@ -96,9 +96,7 @@ def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, ove
         if specs:
             doc["modules"] = specs
         (tmp / "slimswarm.json").write_text(json.dumps(doc, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)  # never deletes the old checkpoint before the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
