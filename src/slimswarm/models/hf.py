@@ -22,7 +22,6 @@ def read_hf_config(folder: Path) -> ModelConfig:
 
 
 def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
@@ -37,8 +36,9 @@ def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[st
                 part = load_file(str(f))
             else:
                 part = torch.load(str(f), map_location="cpu", weights_only=True)
-        except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-            raise SlimswarmError(f"{f}: corrupt or truncated weights ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001 - safetensors, zip, and the weights-only unpickler's refusals alike
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SlimswarmError(f"{f}: corrupt or truncated weights ({first})") from None
         sd.update(part)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
