@@ -515,7 +515,7 @@ def cmd_serve(args) -> int:
 
         bank = AdapterBank(loaded.model, adapters)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    max_waiting=args.max_waiting, adapters=bank)
+                    max_waiting=args.max_waiting, adapters=bank, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     models = ", ".join([name, *adapters])
     print(f"slimswarm: serving {models} on http://{args.host}:{args.port}/v1 (context {engine.max_len}, batch "
           f"{engine.max_batch}, {'API key required' if api_key else 'no API key'})", file=sys.stderr)
@@ -649,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     sv.add_argument("--max-len", type=int, default=2048, help="context length per sequence (KV cache slots)")
     sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
+    sv.add_argument("--prefix-cache-mb", type=float, default=256, help="byte budget of the shared-prefix KV cache")
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SLIMSWARM_API_KEY, else none)")
     sv.set_defaults(fn=cmd_serve)
 

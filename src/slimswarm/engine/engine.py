@@ -135,7 +135,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._closed = False
-        self.counters = {"requests": 0, "finished": 0, "rejected": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
+        self.counters = {"submitted": 0, "requests": 0, "finished": 0, "rejected": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                          "prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
                          "decode_rows": 0, "prefill_s": 0.0, "decode_s": 0.0}
         self.last_batch = 0
@@ -177,7 +177,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosed("engine is shut down")
-            if len(self.waiting) >= self.max_waiting:
+            self.counters["submitted"] += 1  # = requests (accepted) + rejected; = finished + cancelled + timeouts
+            if len(self.waiting) >= self.max_waiting:  # + errors + rejected + in flight
                 self.counters["rejected"] += 1
                 raise QueueFull(f"queue full ({self.max_waiting} waiting)")
             req.t_submit = time.perf_counter()

@@ -452,6 +452,8 @@ _METRICS = [  # (name, type, help, stats key)
     ("slimswarm_active_sequences", "gauge", "Sequences in the running batch.", "active"),
     ("slimswarm_batch_size", "gauge", "Rows in the last decode step.", "batch_size"),
     ("slimswarm_max_batch", "gauge", "Batch rows the engine has.", "max_batch"),
+    ("slimswarm_requests_submitted_total", "counter", "Requests that reached the queue (accepted or rejected).",
+     "submitted"),
     ("slimswarm_requests_total", "counter", "Requests accepted.", "requests"),
     ("slimswarm_requests_finished_total", "counter", "Requests finished normally.", "finished"),
     ("slimswarm_requests_rejected_total", "counter", "Requests refused because the queue was full.", "rejected"),
@@ -465,6 +467,7 @@ _METRICS = [  # (name, type, help, stats key)
     ("slimswarm_prefix_cache_hit_tokens_total", "counter", "Prompt tokens reused from the prefix cache.",
      "prefix_cache_hit_tokens"),
     ("slimswarm_prefix_cache_bytes", "gauge", "Bytes held by the prefix cache.", "prefix_cache_bytes"),
+    ("slimswarm_prefix_cache_budget_bytes", "gauge", "The prefix cache's byte budget.", "prefix_cache_budget_bytes"),
     ("slimswarm_kv_cache_bytes", "gauge", "Bytes of the engine's KV cache.", "kv_cache_bytes"),
 ]
 
