@@ -55,12 +55,22 @@ def byte_ops(size: int, span: int):
 def read_or_refuse(kind: str, path: Path, where: str) -> str:
     """'ok' or 'refused'; anything but a one-line SlimswarmError naming ``where`` fails the test."""
     try:
-        load_weights(kind, path)
-        return "ok"
+        model = load_weights(kind, path)
     except SlimswarmError as e:
         msg = str(e)
         assert "\n" not in msg and where in msg, msg
         return "refused"
+    decode_two_tokens(model)  # what loads must also run: prefill, then decode steps through the C kernels
+    return "ok"
+
+
+def decode_two_tokens(model) -> None:
+    from slimswarm.models.generate import generate_ids
+    from slimswarm.models.sampling import SamplingParams
+
+    out = generate_ids(model, [[1, 5, 9, 2]], SamplingParams(max_tokens=2), eos_ids=[])
+    assert len(out[0].tokens) == 2
+    model.clear_cache()
 
 
 @st.composite
