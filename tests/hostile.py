@@ -142,6 +142,12 @@ def load_weights(kind: str, path: Path):
         return build_model(read_hf_config(path), read_hf_weights(path), str(path))
     if kind == "slimswarm":
         return load_checkpoint(path).model
+    if kind == "adapter":  # a LoRA adapter folder, loaded into a bank on a fresh stories260k (as `serve` does)
+        from slimswarm import load
+        from slimswarm.compress.lora import AdapterBank
+
+        AdapterBank(load("stories260k").model, {"x": str(path)})
+        return None
     raise ValueError(kind)
 
 

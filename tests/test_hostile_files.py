@@ -1,5 +1,6 @@
-"""Hostile model files: truncated and mutated GGUF, safetensors, llama2.c, config.json and slimswarm.json are either
-read or refused with one SlimswarmError line naming the file; never another exception, never a big allocation."""
+"""Hostile model files: truncated and mutated GGUF, safetensors, llama2.c, config.json, slimswarm.json and LoRA
+adapters are either read (and then run) or refused with one SlimswarmError line naming the file; never another
+exception, never a big allocation."""
 
 import json
 import os
@@ -60,7 +61,8 @@ def read_or_refuse(kind: str, path: Path, where: str) -> str:
         msg = str(e)
         assert "\n" not in msg and where in msg, msg
         return "refused"
-    decode_two_tokens(model)  # what loads must also run: prefill, then decode steps through the C kernels
+    if model is not None:
+        decode_two_tokens(model)  # what loads must also run: prefill, then decode steps through the C kernels
     return "ok"
 
 
@@ -163,6 +165,30 @@ def test_slimswarm_checkpoint_mutants_are_read_or_refused(files):
 
     one()
     assert seen["refused"] > 0
+
+
+def test_lora_adapter_mutants_are_read_or_refused(files, stories):
+    from slimswarm.compress.lora import LoRAConfig, add_lora, save_adapter
+    from slimswarm import load
+
+    m = load("stories260k")
+    add_lora(m.model, LoRAConfig(r=4))
+    clean = save_adapter(m.model, files["root"] / "adapter", LoRAConfig(r=4))
+    raw = (clean / "adapter.safetensors").read_bytes()
+    doc = json.loads((clean / "adapter.json").read_text())
+    folder = copy_folder(clean, files["root"] / "m-adapter")
+    seen = {"ok": 0, "refused": 0}
+
+    @FUZZ
+    @given(st.one_of(byte_ops(len(raw), safetensors_header_span(raw)).map(lambda op: ("bytes", op)),
+                     json_mutation(doc).map(lambda d: ("json", d))))
+    def one(m):
+        (folder / "adapter.safetensors").write_bytes(mutate_bytes(raw, m[1]) if m[0] == "bytes" else raw)
+        (folder / "adapter.json").write_text(json.dumps(m[1] if m[0] == "json" else doc))
+        seen[read_or_refuse("adapter", folder, str(folder))] += 1
+
+    one()
+    assert seen["refused"] > 0 and seen["ok"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ regressions
