@@ -161,8 +161,12 @@ class GrammarCompiler:
 
 
 def _short(err: str) -> str:
-    """llguidance's message without its source excerpt and caret lines."""
-    return err.strip().splitlines()[0] if err.strip() else "grammar error"
+    """llguidance's message on one line, without its source excerpts and caret lines."""
+    import re
+
+    keep = [ln.strip() for ln in err.strip().splitlines()
+            if ln.strip() and not re.match(r"\s*(\^+|\d+\s*\|.*)\s*$", ln)]
+    return " ".join(keep) or "grammar error"
 
 
 class RowGrammar:

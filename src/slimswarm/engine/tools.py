@@ -5,12 +5,13 @@ streamed reply cut into OpenAI's tool-call deltas.
 The format is the generic one also used by Hermes/Qwen-style templates (and llama.cpp's generic handler):
 
     system:     ...your system prompt...
-                You may call functions. Their signatures, as JSON schemas, are in <tools></tools>:
+                You may call these functions:
                 <tools>
-                {"type": "function", "function": {"name": "add", "description": ..., "parameters": {...}}}
+                {"name": "add", "description": ..., "parameters": {...}}
                 </tools>
-                To call functions, reply with one <tool_call></tool_call> block per call, each holding
-                {"name": NAME, "arguments": {...}}.
+                To call one, reply with <tool_call>
+                {"name": NAME, "arguments": {...}}
+                </tool_call>
     assistant:  <tool_call>
                 {"name": "add", "arguments": {"a": 2, "b": 3}}
                 </tool_call>
@@ -78,10 +79,9 @@ class ToolSet:
         return ToolSet(out, params)
 
     def system_text(self) -> str:
-        lines = "\n".join(json.dumps(t) for t in self.tools)
-        return ("You may call functions. Their signatures, as JSON schemas, are in <tools></tools>:\n"
-                f"<tools>\n{lines}\n</tools>\nTo call functions, reply with one <tool_call></tool_call> block per "
-                "call, each holding {\"name\": NAME, \"arguments\": {...}}.")
+        lines = "\n".join(json.dumps(t["function"]) for t in self.tools)
+        return (f"You may call these functions:\n<tools>\n{lines}\n</tools>\nTo call one, reply with "
+                f"{OPEN}{{\"name\": NAME, \"arguments\": {{...}}{CLOSE}")
 
     def grammar(self, names: list[str] | None = None, parallel: bool = True, text: Grammar | None | bool = None,
                 compile_check=None) -> Grammar:
@@ -113,7 +113,7 @@ class ToolSet:
             rules.append("TEXT: /[^<](.|\\n)*/")
         elif isinstance(text, Grammar):
             start = f"start: {calls} | reply"
-            rules.append(f"reply: %json {text.source}")
+            rules.append(f"reply: {json_schema_lark(json.loads(text.source))}")
         else:
             start = f"start: {calls}"
         return Grammar.lark("\n".join([start, *rules]))
