@@ -383,9 +383,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         message, finish = {"role": "assistant", "content": req.text}, req.finish_reason
         if plan.tools is not None:
             content, calls = ToolCallParser().finish(req.text)
-            if calls and req.grammar_complete:
-                message, finish = {"role": "assistant", "content": None,
-                                   "tool_calls": openai_tool_calls(calls)}, "tool_calls"
+            if calls:  # cut by max_tokens, the calls so far (the last one unfinished) and "length", as streamed
+                message = {"role": "assistant", "content": None, "tool_calls": openai_tool_calls(calls)}
+                finish = "tool_calls" if req.grammar_complete else req.finish_reason
         choice = {"index": 0, "message": message, "finish_reason": finish,
                   "logprobs": chat_logprobs(req, 0, len(req.tokens)) if req.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,

@@ -74,8 +74,9 @@ class ToolSet:
                                     f"{where}.function.parameters")
             params[name] = closed_objects(schema)
             desc = fn.get("description")
+            # the prompt shows the schema as sent; the grammar uses it with its objects closed
             out.append({"type": "function", "function": {"name": name, **({"description": desc} if desc else {}),
-                                                         "parameters": schema}})
+                                                         "parameters": fn.get("parameters", {})}})
         return ToolSet(out, params)
 
     def system_text(self) -> str:
@@ -251,9 +252,10 @@ class ToolCallParser:
         return ev
 
     def finish(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        """(content, calls) for the whole reply: calls only when every one of them is complete."""
+        """(content, calls) for the whole reply; a reply cut short keeps the calls begun so far (the last one's
+        ``closed`` False), as a streaming client has received them."""
         self.feed(text, final=True)
-        if self.mode == "calls" and self.calls and all(c.closed for c in self.calls):
+        if self.mode == "calls" and self.calls:
             return None, self.calls
         return text, []
 
