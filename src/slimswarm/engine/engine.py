@@ -141,7 +141,7 @@ class Engine:
         self._closed = False
         self.counters = {"requests": 0, "finished": 0, "rejected": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                          "prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
-                         "decode_rows": 0, "prefill_s": 0.0, "decode_s": 0.0}
+                         "decode_rows": 0, "prefill_s": 0.0, "decode_s": 0.0, "grammar_s": 0.0}
         self.last_batch = 0
         model.eval()
         self.caches = make_caches(model, max_batch, max_len)
@@ -403,8 +403,10 @@ class Engine:
         """Sample one token for ``req`` and check its stop conditions."""
         p = req.params
         if req._g is not None:  # the grammar's mask goes on this row's logits (in place) before the pick
+            t0 = time.perf_counter()
             sample = None if p.temperature == 0 else (lambda x: sample_next(x, p, req._gen))
             tok = req._g.choose(logits, sample, greedy)
+            self.counters["grammar_s"] += time.perf_counter() - t0
         elif p.temperature == 0:
             tok = greedy if greedy is not None else int(torch.argmax(logits))
         else:
@@ -416,7 +418,12 @@ class Engine:
             self._finish(req, "stop")
             return
         req.tokens.append(tok)
-        done = req._g is not None and req._g.accept(tok)
+        if req._g is not None:
+            t0 = time.perf_counter()
+            done = req._g.accept(tok)
+            self.counters["grammar_s"] += time.perf_counter() - t0
+        else:
+            done = False
         if req.logprobs:
             lp = torch.log_softmax(logits.float(), -1)
             req.token_logprobs.append(float(lp[tok]))
