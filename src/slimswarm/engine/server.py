@@ -21,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from ..errors import SlimswarmError
 from ..models.sampling import SamplingParams
+from .chat_plan import plan_chat
 from .engine import Engine, EngineClosed, QueueFull
+from .grammar import GrammarError
+from .tools import ToolCallParser, openai_tool_calls
 
 DEFAULT_MAX_TOKENS = 512
 MAX_BODY_BYTES = 1 << 20
@@ -67,8 +70,12 @@ class _Body(BaseModel):
 
 
 class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # accepted; the chat template has no place for it
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -86,6 +93,10 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool = True
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionBody(_Body):
@@ -226,7 +237,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         except SlimswarmError as e:
             raise ApiError(400, str(e), "invalid_value") from None
 
-    def submit(ids: list[int], params: SamplingParams, adapter: str | None, top: int, logprobs: bool):
+    def submit(ids: list[int], params: SamplingParams, adapter: str | None, top: int, logprobs: bool, grammar=None):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -234,7 +245,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
         try:
-            req = engine.submit(ids, params, adapter, request_timeout_s, logprobs, top, on_event)
+            req = engine.submit(ids, params, adapter, request_timeout_s, logprobs, top, on_event, grammar)
         except QueueFull as e:
             raise ApiError(429, f"server busy: {e}; retry later", "queue_full") from None
         except EngineClosed as e:
@@ -313,6 +324,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 first = make_chunk("", None, None, first=True)
                 if first is not None:
                     yield sse({**base, **first})
+                # a chunk maker may answer one engine event with several chunks (a list), or none (None/[])
+                def chunks(x):
+                    return [] if x is None else x if isinstance(x, list) else [x]
+
                 while True:
                     kind, value = await events.get()
                     if kind == "done":
@@ -320,14 +335,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                     hi = len(req.tokens)
                     lp = (sent_tokens, hi) if req.logprobs else None
                     sent_tokens = hi
-                    yield sse({**base, **make_chunk(value, None, lp)})
+                    for c in chunks(make_chunk(value, None, lp)):
+                        yield sse({**base, **c})
                 err = failure(req)
                 if err is not None:
                     yield sse(_error_body(err.status, err.message, err.code))
                 else:
                     hi = len(req.tokens)
                     lp = (sent_tokens, hi) if req.logprobs and hi > sent_tokens else None
-                    yield sse({**base, **make_chunk("", req.finish_reason, lp)})
+                    for c in chunks(make_chunk("", req.finish_reason, lp)):
+                        yield sse({**base, **c})
                     if include_usage:
                         yield sse({**base, "choices": [], "usage": usage(req)})
                 yield "data: [DONE]\n\n"
@@ -338,6 +355,38 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
 
+    def tool_chunks(req, parser: ToolCallParser):
+        """Chat chunks for a reply that may hold tool calls: content deltas, or per call a first delta with index,
+        id and name, then argument fragments; finish_reason "tool_calls" when the calls completed."""
+        state = {"text": ""}
+
+        def one(delta, finish=None, lp=None):
+            return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                 "logprobs": chat_logprobs(req, *lp) if lp else None}]}
+
+        def chunk(text, finish, lp, first=False):
+            if first:
+                return one({"role": "assistant", "content": None})
+            state["text"] += text
+            out = []
+            for ev in parser.feed(state["text"], final=finish is not None):
+                if ev[0] == "content":
+                    out.append(one({"content": ev[1]}))
+                elif ev[0] == "call":
+                    out.append(one({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                                    "function": {"name": ev[3], "arguments": ""}}]}))
+                else:
+                    out.append(one({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}))
+            if finish is not None:
+                if finish == "stop" and parser.mode == "calls" and req.grammar_complete:
+                    finish = "tool_calls"
+                out.append(one({}, finish, lp))
+            elif lp and out:
+                out[-1] = one(out[-1]["choices"][0]["delta"], None, lp)
+            return out
+
+        return chunk
+
     # ------------------------------------------------------------------------------------------ endpoints
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatBody))
     async def chat_completions(request: Request):
@@ -345,8 +394,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         body = _parse(ChatBody, await read_json(request))
         adapter = adapter_for(body.model)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = tok.encode(tok.chat(messages))
+            messages = [{"role": m.role, "content": m.text(), "tool_calls": m.tool_calls,
+                         "tool_call_id": m.tool_call_id} for m in body.messages]
+            plan = plan_chat(messages, body.tools, body.tool_choice, body.parallel_tool_calls, body.response_format,
+                             engine.grammars.compile)
+        except GrammarError as e:  # ToolSpecError included: it names its field
+            raise ApiError(400, str(e), "invalid_value", getattr(e, "param", None)) from None
+        except ValueError as e:
+            raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
+        try:
+            ids = tok.encode(tok.chat(plan.messages))
         except ValueError as e:
             raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
         except Exception as e:  # a chat template rejecting the conversation (roles out of order, ...)
@@ -358,20 +415,28 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
-        req, events = submit(ids, params, adapter, body.top_logprobs or 0, body.logprobs)
+        req, events = submit(ids, params, adapter, body.top_logprobs or 0, body.logprobs, plan.grammar)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model}
         if body.stream:
-            def chunk(text, finish, lp, first=False):
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                     "logprobs": chat_logprobs(req, *lp) if lp else None}]}
+            if plan.tools is not None:
+                chunk = tool_chunks(req, ToolCallParser())
+            else:
+                def chunk(text, finish, lp, first=False):
+                    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                         "logprobs": chat_logprobs(req, *lp) if lp else None}]}
 
             opts = body.stream_options or {}
             return stream(request, req, events, chunk, bool(opts.get("include_usage")), base)
         await wait_done(request, req, events)
-        choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
-                  "finish_reason": req.finish_reason,
+        message, finish = {"role": "assistant", "content": req.text}, req.finish_reason
+        if plan.tools is not None:
+            content, calls = ToolCallParser().finish(req.text)
+            if calls:  # cut by max_tokens, the calls so far (the last one unfinished) and "length", as streamed
+                message = {"role": "assistant", "content": None, "tool_calls": openai_tool_calls(calls)}
+                finish = "tool_calls" if req.grammar_complete else req.finish_reason
+        choice = {"index": 0, "message": message, "finish_reason": finish,
                   "logprobs": chat_logprobs(req, 0, len(req.tokens)) if req.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
                 "choices": [choice], "usage": usage(req), "system_fingerprint": None}
