@@ -10,7 +10,7 @@
    schema, and arguments correct (the call returns the expected value), for the base model decoding freely with the
    tools in its prompt, and the base model under the grammar (tool_choice required).
 
-    .venv/bin/python benchmarks/structured.py [--prompts 36] [--tokens 48]
+    .venv/bin/python benchmarks/structured.py [--prompts 36] [--tokens 48] [--sections overhead,compile,accuracy]
 
 Greedy decoding throughout. The machine is a shared 2-core box: read the ratios within the run.
 """
@@ -163,24 +163,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=36)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--sections", default="overhead,compile,accuracy")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "structured"))
     args = ap.parse_args()
+    sections = args.sections.split(",")
     torch.set_num_threads(2)
     loaded = load("smollm2-135m")
     rows = []
-    for b in (1, 8):
-        r = {"section": "overhead", **overhead(loaded, b, args.tokens)}
+    cmd = "python benchmarks/structured.py " + " ".join(sys.argv[1:])
+
+    def add(r):  # the report is rewritten after every row: a run cut short keeps what it measured
         print(r, flush=True)
         rows.append(r)
-    for r in compile_times(loaded.tokenizer, loaded.model.config.vocab_size):
-        r = {"section": "compile", **r}
-        print(r, flush=True)
-        rows.append(r)
-    prompts = tool_prompts(args.prompts)
-    for constrained in (False, True):
-        r = {"section": "tool accuracy", **accuracy(loaded, prompts, constrained)}
-        print(r, flush=True)
-        rows.append(r)
+        write_report(rows, args.out, cmd.strip(), notes)
+
     notes = ["overhead: same prompts, greedy, max_tokens per row; the free rows may stop early at end-of-sequence, "
              "hence tokens/s; grammar_fraction_of_decode = engine seconds in grammar work / (forward + grammar) "
              "seconds of the decode steps",
@@ -190,8 +186,16 @@ def main() -> None:
              "counts for word_count), seed 7; correct = the call, run, returns the expected value",
              "LoRA tool-calling specialist: not built in this run (see the issue's item 4)",
              "shared 2-core machine under load from other jobs: compare rows within this run"]
-    cmd = "python benchmarks/structured.py " + " ".join(sys.argv[1:])
-    write_report(rows, args.out, cmd.strip(), notes)
+    if "overhead" in sections:
+        for b in (1, 8):
+            add({"section": "overhead", **overhead(loaded, b, args.tokens)})
+    if "compile" in sections:
+        for r in compile_times(loaded.tokenizer, loaded.model.config.vocab_size):
+            add({"section": "compile", **r})
+    if "accuracy" in sections:
+        prompts = tool_prompts(args.prompts)
+        for constrained in (False, True):
+            add({"section": "tool accuracy", **accuracy(loaded, prompts, constrained)})
 
 
 if __name__ == "__main__":

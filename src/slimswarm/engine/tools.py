@@ -239,7 +239,7 @@ class ToolCallParser:
                 pos = end + len(CLOSE)
                 continue
             # the arguments end just before CLOSE; while it has not come, hold back what may be the start of it
-            upto = end if end >= 0 else max(a, len(text) - (len(CLOSE) - 1))
+            upto = end if end >= 0 else len(text) if final else max(a, len(text) - (len(CLOSE) - 1))
             frag = text[a + self._args_sent: upto]
             if frag:
                 ev.append(("args", k, frag))
