@@ -305,7 +305,7 @@ def cmd_finetune(args) -> int:
     try:
         cfg = FinetuneConfig(lora=LoRAConfig(r=args.r, alpha=args.alpha if args.alpha else 2.0 * args.r),
                              steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len,
-                             seed=args.seed, log_every=max(1, args.steps // 20))
+                             seed=args.seed, log_every=max(1, args.steps // 20), save_every=args.save_every)
     except Exception as e:  # pydantic: name the field
         raise SlimswarmError(f"finetune: {str(e).splitlines()[1:3]}") from None
     recipe = load_recipe(args.quantize) if args.quantize else None
@@ -320,15 +320,17 @@ def cmd_finetune(args) -> int:
         quantize_model(loaded.model, recipe.quantize)
     print(f"finetune: {len(pairs)} examples from {source}, r={cfg.lora.r}, {cfg.steps} steps of {cfg.batch_size}"
           f"{' on a ' + recipe.name + ' base' if recipe else ''}", file=sys.stderr, flush=True)
-    res = finetune_lora(loaded.model, loaded.tokenizer, pairs, cfg)
+    state = out.parent / f".{out.name}.train_state.pt"
+    res = finetune_lora(loaded.model, loaded.tokenizer, pairs, cfg, state_path=state)
     meta = {"base": {"source": loaded.source, "sha256": file_sha256(loaded.source),
                      "quantize": recipe.model_dump() if recipe else None},
             "train": {"source": source, "examples": len(pairs), "config": cfg.model_dump(), "history": res.history,
                       "seconds": round(res.seconds, 1)}}
-    save_adapter(loaded.model, out, cfg.lora, meta)
     from .compress.distill import loss_plot
 
-    loss_plot(res.history, out / "loss.png", f"LoRA fine-tuning on {source}")
+    save_adapter(loaded.model, out, cfg.lora, {**meta, "resumed_from": res.resumed_from}, extra_files={
+        "loss.png": lambda p: loss_plot(res.history, p, f"LoRA fine-tuning on {source}")})
+    state.unlink(missing_ok=True)  # the adapter is complete: its training checkpoint has served
     row = {"out": str(out), "examples": len(pairs), "steps": cfg.steps, "trained_params": res.trained_params,
            "adapter_bytes": (out / "adapter.safetensors").stat().st_size, "first_loss": res.history[0]["loss"],
            "final_loss": res.history[-1]["loss"], "seconds": round(res.seconds, 1)}
@@ -365,7 +367,10 @@ def cmd_distill(args) -> int:
     except Exception as e:
         raise SlimswarmError(f"distill: {str(e).splitlines()[1:3]}") from None
     out = Path(args.out)
-    if out.exists() and not (out / "train_state.pt").exists() and any(out.iterdir()):
+    # a run killed before its first checkpoint leaves only its log (and temporary names): that folder is reusable
+    foreign = [p for p in out.iterdir() if p.name not in ("loss.jsonl", "loss.png") and not p.name.startswith(".")] \
+        if out.is_dir() else []
+    if out.exists() and not (out / "train_state.pt").exists() and (foreign or not out.is_dir()):
         raise SlimswarmError(f"--out {out}: exists, is not empty and holds no train_state.pt to resume")
     if args.no_resume and (out / "train_state.pt").exists():
         raise SlimswarmError(f"--out {out}: holds a run (train_state.pt) and --no-resume was given: choose another folder")
@@ -507,6 +512,10 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1 or args.max_waiting < 1 or args.max_len < 16:
         raise SlimswarmError("--max-batch and --max-waiting must be >= 1, --max-len >= 16")
     api_key = args.api_key or os.environ.get("SLIMSWARM_API_KEY") or None
+    from .engine.server import exposure_warning
+
+    if (warning := exposure_warning(args.host, api_key)) is not None:
+        print(f"slimswarm: warning: {warning}", file=sys.stderr)
     if args.ray is not None:  # the same API in front of engine replicas on a Ray cluster (the deploy layer)
         from .deploy.ray_serve import cmd_serve_ray
 
@@ -518,7 +527,7 @@ def cmd_serve(args) -> int:
 
         bank = AdapterBank(loaded.model, adapters)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    max_waiting=args.max_waiting, adapters=bank)
+                    max_waiting=args.max_waiting, adapters=bank, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     models = ", ".join([name, *adapters])
     print(f"slimswarm: serving {models} on http://{args.host}:{args.port}/v1 (context {engine.max_len}, batch "
           f"{engine.max_batch}, {'API key required' if api_key else 'no API key'})", file=sys.stderr)
@@ -593,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--examples", type=int, default=None, help="use at most this many training examples")
     ft.add_argument("--eval", type=int, default=0, metavar="N", help="then report accuracy on N test items (--task)")
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--save-every", type=int, default=50, help="training checkpoint every N steps (beside --out as "
+                    ".OUT.train_state.pt; a killed run given the same command resumes from it exactly)")
     ft.add_argument("--json", action="store_true")
     ft.set_defaults(fn=cmd_finetune)
 
@@ -650,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     sv.add_argument("--max-len", type=int, default=2048, help="context length per sequence (KV cache slots)")
     sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
+    sv.add_argument("--prefix-cache-mb", type=float, default=256, help="byte budget of the shared-prefix KV cache")
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SLIMSWARM_API_KEY, else none)")
     sv.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
                     help="serve from engine replicas on a Ray cluster (auto: this machine's, or a new local one)")

@@ -53,6 +53,8 @@ class AgentSpec(_Strict):
     params: ParamsSpec = ParamsSpec()
     capabilities: list[str] = []
     tools: list[str] = []
+    tool_choice: Literal["auto", "required", "none"] = "auto"  # on structured backends (engine, HTTP)
+    max_tool_calls: int = Field(3, ge=0)
     cost: float = Field(1.0, ge=0)
 
 
@@ -238,7 +240,7 @@ def build_agent(spec: AgentSpec, cfg: TeamConfig) -> Agent:
     params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                             seed=p.seed, stop=list(p.stop))
     return Agent(spec.name, spec.role, spec.system, ref, params, [resolve_tool(t) for t in spec.tools],
-                 list(spec.capabilities), spec.cost)
+                 list(spec.capabilities), spec.cost, spec.max_tool_calls, spec.tool_choice)
 
 
 def _router(spec: RouterSpec, members: list[str], agents: dict[str, Agent]):
