@@ -25,15 +25,17 @@ RUNTIME = ("import torch, numpy, gguf, safetensors, transformers; from transform
            "import slimswarm.cli")
 PROMPT = "Hello, my name is"
 WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-           "sys.stderr.write(r.stderr[-2000:]); print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+           "sys.stderr.write(r.stderr[-2000:]); print('OUT', (r.stdout.strip().splitlines() or [''])[-1]); "
+           "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
 
 
 def peak(args: list[str]) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     out = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True, env=env, check=True)
-    last, rss = out.stdout.strip().splitlines()[-2:]
-    return int(rss), last
+    lines = out.stdout.splitlines()
+    last = next(x[4:] for x in reversed(lines) if x.startswith("OUT "))
+    rss = next(int(x[4:]) for x in reversed(lines) if x.startswith("RSS "))
+    return rss, last
 
 
 def main() -> None:
