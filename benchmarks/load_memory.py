@@ -80,7 +80,12 @@ def main() -> None:
                          "bound_1_5x_bytes": int(bound), "meets_bound": own <= bound,
                          "meets_bound_above_runtime": own - runtime <= bound})
             print(json.dumps(rows[-1]), flush=True)
-    notes = [
+            write_report(rows, args.out, "python benchmarks/load_memory.py " + " ".join(sys.argv[1:]),
+                         notes(runtime))  # after every row: a run cut short keeps what it measured
+
+
+def notes(runtime: int) -> list[str]:
+    return [
         f"runtime: peak RSS of `python -c \"{RUNTIME}\"` = {runtime / 1e6:.0f} MB (import torch alone: ~220 MB).",
         "Before this change (commit df45b1d, measured with /usr/bin/time -v and VmHWM): slimswarm generate "
         "smollm2-135m 1,291 MB, generate w4g128-rtn 914 MB; bench reported its 1 GB bandwidth buffer in its peak.",
@@ -91,7 +96,6 @@ def main() -> None:
         "A shared 2-core VM: RSS of file-backed pages (libtorch) can shrink under other jobs' memory pressure; "
         "peaks are the high-water marks.",
     ]
-    write_report(rows, args.out, "python benchmarks/load_memory.py " + " ".join(sys.argv[1:]), notes)
 
 
 if __name__ == "__main__":
