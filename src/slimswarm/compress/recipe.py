@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..errors import SlimswarmError
 from .distill import DistillConfig
+from .prune.masks import parse_pattern
 
 
 class Override(BaseModel):
@@ -75,6 +76,12 @@ class PruneConfig(BaseModel):
     targets: list[str] = ["model.layers.*"]  # fnmatch on decoder linear names
     block: int = Field(128, ge=1)  # SparseGPT column block
     damp: float = Field(0.01, gt=0, lt=1)
+    _nm: tuple[int, int] | None = PrivateAttr(None)  # ``pattern`` parsed once, at validation
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The N:M pattern as (N, M), or None for unstructured."""
+        return self._nm
 
     @field_validator("sparsity")
     @classmethod
@@ -86,8 +93,6 @@ class PruneConfig(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        from .prune.masks import parse_pattern
-
         try:
             parse_pattern(v)
         except SlimswarmError as e:
@@ -96,9 +101,7 @@ class PruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
-        from .prune.masks import parse_pattern
-
-        nm = parse_pattern(self.pattern)
+        nm = self._nm = parse_pattern(self.pattern)
         if nm and self.sparsity and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} (which means {1 - nm[0] / nm[1]})")
         st = self.structured
@@ -262,15 +265,13 @@ def apply_recipe(model, recipe: Recipe, calib=None, tokenizer=None, text: str | 
         meta["recovery"] = _recover(model, teacher, tokenizer, recipe, text)
         del teacher
         if sparse_later:
-            from .prune.masks import parse_pattern
+            from .layerwise import set_module
             from .prune.sparse import SparseLinear
-            from .quant.apply import _set
 
-            nm = parse_pattern(recipe.prune.pattern)
             for name in meta["prune"].get("layers", {}):
                 lin = model.get_submodule(name)
-                sp = SparseLinear.from_dense(lin.weight.detach(), lin.bias, nm)
-                _set(model, name, sp)
+                sp = SparseLinear.from_dense(lin.weight.detach(), lin.bias, recipe.prune.nm)
+                set_module(model, name, sp)
                 meta["prune"]["layers"][name]["format"] = sp.fmt
     if recipe.quantize is not None:
         from .quant.apply import quantize_model

@@ -7,17 +7,20 @@ replaced by ``QuantLinear`` modules, and the embeddings / LM head become int8 ro
 from __future__ import annotations
 
 import fnmatch
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ...errors import SlimswarmError
-from ...progress import progress
-from ..recipe import QuantizeConfig
+from ..layerwise import set_module, walk_layers
 from .awq import awq_search
 from .gptq import gptq_quantize
 from .linear import QuantEmbedding, QuantLinear
 from .rtn import rtn_quantize
+
+if TYPE_CHECKING:  # the config type only: importing recipe here would close a circle (recipe imports this lazily)
+    from ..recipe import QuantizeConfig
 
 
 def effective_group(in_features: int, cfg_group: int, fallback: bool, name: str) -> int:
@@ -43,11 +46,6 @@ def layer_plan(name: str, lin: nn.Linear, cfg: QuantizeConfig) -> tuple[int, int
             bits = o.bits or bits
             gs = o.group_size if o.group_size is not None else gs
     return bits, effective_group(lin.in_features, gs, cfg.group_fallback, name)
-
-
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -78,19 +76,9 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
     if needs_calib and calib is None:
         raise SlimswarmError(f"method {cfg.method} needs calibration text")
     meta: dict[str, dict] = {}
-    model.clear_cache()
-    layers = model.model.layers
-    x = None
-    if needs_calib:
-        x = model.model.embed_tokens(calib).float()
-        n, t = calib.shape
-        cos, sin = model.rope(torch.arange(t).expand(1, t), torch.float32)
-    for li, layer in progress(list(enumerate(layers)), f"quantize ({cfg.method}, {cfg.bits}-bit)"):
-        names = {f"model.layers.{li}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+    def visit(li, layer, names, stats):
         plans = {n: layer_plan(n, m, cfg) for n, m in names.items()}
-        stats: dict[str, dict] = {}
-        if needs_calib:
-            stats = _collect(layer, x, cos, sin, names)
         if cfg.method == "awq":
             _awq_layer(layer, li, stats, plans, cfg, meta)
         for name, lin in names.items():
@@ -104,53 +92,14 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
             else:
                 codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric, per_tensor=cfg.per_tensor)
             q = QuantLinear.from_codes(codes, s, z, bits, lin.bias)
-            _set(model, name, q)
+            set_module(model, name, q)
             meta.setdefault(name, {}).update(bits=bits, group_size=q.group_size,
                                              **({"per_tensor": True} if cfg.per_tensor else {}))
-        if needs_calib:  # the next layer sees this layer's quantized outputs
-            x = _run_layer(layer, x, cos, sin)
+
+    walk_layers(model, calib if needs_calib else None, f"quantize ({cfg.method}, {cfg.bits}-bit)", visit)
     if cfg.head_bits:
         meta["lm_head"] = quantize_head(model, cfg.head_bits)
     return meta
-
-
-def _run_layer(layer, x, cos, sin, chunk: int = 8):
-    """One decoder layer over calibration sequences, as plain full-sequence forwards: a KV cache the model may hold
-    (from generation or an engine) is set aside, never written."""
-    attn = layer.self_attn
-    cache, attn.cache = attn.cache, None
-    try:
-        outs = []
-        for i in range(0, x.shape[0], chunk):
-            xb = x[i : i + chunk]
-            outs.append(layer(xb, cos, sin, 0, None, xb.shape[1]))
-        return torch.cat(outs)
-    finally:
-        attn.cache = cache
-
-
-def _collect(layer, x, cos, sin, names: dict[str, nn.Linear], keep_tokens: int = 4096) -> dict[str, dict]:
-    """Hessians X^T X and a token sample of each linear's inputs, from one pass of the layer."""
-    stats = {n: {"H": torch.zeros(m.in_features, m.in_features), "n": 0, "x": []} for n, m in names.items()}
-    hooks = []
-    for n, m in names.items():
-        def hook(mod, inp, out, n=n):
-            a = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            st = stats[n]
-            st["H"] += a.T @ a
-            st["n"] += a.shape[0]
-            if sum(len(v) for v in st["x"]) < keep_tokens:
-                st["x"].append(a[: keep_tokens // 4])
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        _run_layer(layer, x, cos, sin)
-    finally:
-        for h in hooks:
-            h.remove()
-    for st in stats.values():
-        st["H"] *= 2.0 / max(st["n"], 1)
-        st["x"] = torch.cat(st["x"])[:keep_tokens]
-    return stats
 
 
 def _awq_layer(layer, li: int, stats, plans, cfg: QuantizeConfig, meta: dict) -> None:
