@@ -144,7 +144,7 @@ def main() -> None:
         recipe = load_recipe(preset)
         q = load("smollm2-135m")
         calib = None
-        if recipe.quantize.method != "rtn":
+        if recipe.quantize.needs_calibration:
             calib = calibration_batch(q.tokenizer, None, recipe.calibration.samples, recipe.calibration.seq_len)
         t = time.perf_counter()
         meta = quantize_model(q.model, recipe.quantize, calib)

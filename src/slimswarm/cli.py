@@ -153,7 +153,7 @@ def cmd_demo(args) -> int:
               flush=True)
         work = load(args.model, dtype=getattr(torch, args.dtype))
         c = recipe.calibration
-        calib = calibration_batch(work.tokenizer, None, c.samples, c.seq_len) if recipe.quantize.method != "rtn" else None
+        calib = calibration_batch(work.tokenizer, None, c.samples, c.seq_len) if recipe.quantize.needs_calibration else None
         meta = quantize_model(work.model, recipe.quantize, calib)
         save_checkpoint(work.model, work.tokenizer, ck, {"recipe": recipe.model_dump(), "quantization": meta,
                                                          "parent": {"source": work.source,
@@ -212,7 +212,7 @@ def cmd_compress(args) -> int:
     import torch
 
     from .compress.calibrate import calibration_batch, read_calibration
-    from .compress.quant.apply import is_quantized, layer_plan
+    from .compress.quant.apply import check_quantize_plan, is_quantized
     from .compress.recipe import apply_recipe, load_recipe
     from .evaluate.size import disk_bytes, weight_bytes
     from .models.checkpoint import file_sha256, save_checkpoint
@@ -230,9 +230,7 @@ def cmd_compress(args) -> int:
         raise SlimswarmError(f"{args.model}: already quantized; compress its float parent instead")
     # Check every layer's grouping and pruning widths now, so an impossible setting fails before calibration.
     if recipe.quantize is not None and recipe.prune is None and recipe.lowrank is None:
-        for name, mod in loaded.model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                layer_plan(name, mod, recipe.quantize)
+        check_quantize_plan(loaded.model, recipe.quantize)
     if recipe.prune is not None:
         from .compress.prune.apply import check_plan
 
@@ -309,7 +307,7 @@ def cmd_finetune(args) -> int:
     except Exception as e:  # pydantic: name the field
         raise SlimswarmError(f"finetune: {str(e).splitlines()[1:3]}") from None
     recipe = load_recipe(args.quantize) if args.quantize else None
-    if recipe is not None and (recipe.quantize is None or recipe.quantize.method != "rtn"):
+    if recipe is not None and (recipe.quantize is None or recipe.quantize.needs_calibration):
         raise SlimswarmError(f"--quantize {args.quantize}: use an RTN recipe for the base (w8, w4g128-rtn, w4g64-rtn) "
                              "or give a compressed checkpoint as MODEL")
     loaded = load(args.model, dtype=getattr(torch, args.dtype))

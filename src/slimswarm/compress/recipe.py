@@ -30,15 +30,50 @@ class QuantizeConfig(BaseModel):
     symmetric: bool = False
     group_fallback: bool = False  # where group_size does not divide a width, use its largest divisor <= group_size that is a multiple of 16
     act_order: bool = False
+    # How each group's scale and zero point are chosen: "minmax" spans the group's extremes; "mse" searches clipped
+    # ranges for the least squared error; "imatrix" weights that error per input column by E[x²] on calibration text
+    # (llama.cpp's importance matrix). Works with rtn and gptq; the stored format is the same.
+    range_search: Literal["minmax", "mse", "imatrix"] = "minmax"
     damp: float = Field(0.01, gt=0, lt=1)
     head_bits: Literal[8] | None = 8  # embeddings + lm_head as int8 per row; null keeps them float
     overrides: list[Override] = []
+    # Mixed precision: give one budget for the whole checkpoint (bits per parameter, or bytes of model.safetensors);
+    # each decoder linear then gets the format from ``formats`` that minimises the predicted KL (quant/mixed.py),
+    # and ``bits`` / ``group_size`` are not used. Needs calibration text (the sensitivity pass).
+    budget_bpw: float | None = Field(None, gt=0)
+    budget_bytes: int | None = Field(None, gt=0)
+    formats: list[str] = ["w3g64", "w4g128", "w4g64", "w8"]
 
     @model_validator(mode="after")
     def _per_tensor_rtn(self) -> "QuantizeConfig":
         if self.per_tensor and self.method != "rtn":
             raise ValueError(f"per_tensor works with method rtn, not {self.method}")
+        if self.range_search != "minmax" and (self.method == "awq" or self.per_tensor):
+            raise ValueError(f"range_search {self.range_search} works with rtn and gptq groups, not "
+                             f"{'per_tensor' if self.per_tensor else 'awq'}")
+        if self.budget_bpw is not None and self.budget_bytes is not None:
+            raise ValueError("give one of budget_bpw or budget_bytes")
+        if self.budgeted:
+            if self.method == "awq" or self.per_tensor or self.overrides:
+                raise ValueError("a budget (mixed precision) works with rtn or gptq, without per_tensor or overrides")
+            from .quant.formats import WeightFormat
+
+            if not self.formats:
+                raise ValueError("formats: give at least one format for the budget to choose from")
+            for f in self.formats:
+                try:
+                    WeightFormat.parse(f)
+                except SlimswarmError as e:
+                    raise ValueError(str(e)) from None
         return self
+
+    @property
+    def budgeted(self) -> bool:
+        return self.budget_bpw is not None or self.budget_bytes is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn" or self.range_search == "imatrix" or self.budgeted
 
     @field_validator("group_size")
     @classmethod
@@ -179,7 +214,7 @@ class Recipe(BaseModel):
     def needs_calibration(self) -> bool:
         p, lr, q = self.prune, self.lowrank, self.quantize
         return bool((p and (p.structured is not None or p.method != "magnitude"))
-                    or (lr and lr.activation_aware) or (q and q.method != "rtn"))
+                    or (lr and lr.activation_aware) or (q and q.needs_calibration))
 
 
 _PRESETS = {

@@ -127,6 +127,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
     model = CausalLM(cfg).to(target)
     q = doc.get("quantization", {})
     for name, info in q.items():
+        if name == "plan":  # the mixed-precision plan (compress/quant/mixed.py): a record, not a module
+            continue
         if name == "lm_head":
             head = QuantLinear(cfg.hidden_size, cfg.vocab_size, info["bits"], info["group_size"])
             model.lm_head = head

@@ -48,6 +48,18 @@ def layer_plan(name: str, lin: nn.Linear, cfg: QuantizeConfig) -> tuple[int, int
     return bits, effective_group(lin.in_features, gs, cfg.group_fallback, name)
 
 
+def check_quantize_plan(model, cfg: QuantizeConfig) -> None:
+    """Fail before any calibration: every decoder linear's grouping, or (mixed precision) the budget's range."""
+    if cfg.budgeted:
+        from .mixed import check_budget
+
+        check_budget(model, cfg)
+        return
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            layer_plan(name, mod, cfg)
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
@@ -72,13 +84,32 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
     """Quantize ``model`` in place; returns per-module metadata {name: {bits, group_size, ...}}."""
     if is_quantized(model):
         raise SlimswarmError("model is already quantized: quantize its float parent instead")
-    needs_calib = cfg.method in ("gptq", "awq")
+    if cfg.budgeted:
+        from .mixed import check_budget
+
+        check_budget(model, cfg)  # a bad budget fails before anything else, with the reachable range
+    needs_calib = cfg.needs_calibration
     if needs_calib and calib is None:
-        raise SlimswarmError(f"method {cfg.method} needs calibration text")
+        if cfg.budgeted:
+            raise SlimswarmError("quantize.budget: the sensitivity pass needs calibration text")
+        what = f"method {cfg.method}" if cfg.method != "rtn" else f"range_search {cfg.range_search}"
+        raise SlimswarmError(f"{what} needs calibration text")
+    search = cfg.range_search != "minmax"
+    imatrix = cfg.range_search == "imatrix"
     meta: dict[str, dict] = {}
+    mixed = None
+    if cfg.budgeted:
+        from .formats import WeightFormat
+        from .mixed import plan_mixed
+
+        mixed = plan_mixed(model, cfg, calib)
+        chosen = {n: WeightFormat.parse(f) for n, f in mixed["formats"].items()}
 
     def visit(li, layer, names, stats):
-        plans = {n: layer_plan(n, m, cfg) for n, m in names.items()}
+        if mixed is None:
+            plans = {n: layer_plan(n, m, cfg) for n, m in names.items()}
+        else:
+            plans = {n: (chosen[n].bits, chosen[n].group_size) for n in names}
         if cfg.method == "awq":
             _awq_layer(layer, li, stats, plans, cfg, meta)
         for name, lin in names.items():
@@ -88,17 +119,23 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
             bits, gs = plan
             w = lin.weight.detach().float()
             if cfg.method == "gptq":
-                codes, s, z = gptq_quantize(w, stats[name]["H"], bits, gs, cfg.symmetric, cfg.act_order, cfg.damp)
+                codes, s, z = gptq_quantize(w, stats[name]["H"], bits, gs, cfg.symmetric, cfg.act_order, cfg.damp,
+                                            search=search, importance=imatrix)
             else:
-                codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric, per_tensor=cfg.per_tensor)
+                imp = torch.diag(stats[name]["H"]) if imatrix else None
+                codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric, per_tensor=cfg.per_tensor, search=search,
+                                           importance=imp)
             q = QuantLinear.from_codes(codes, s, z, bits, lin.bias)
             set_module(model, name, q)
             meta.setdefault(name, {}).update(bits=bits, group_size=q.group_size,
                                              **({"per_tensor": True} if cfg.per_tensor else {}))
 
-    walk_layers(model, calib if needs_calib else None, f"quantize ({cfg.method}, {cfg.bits}-bit)", visit)
+    label = f"quantize ({cfg.method}, {'mixed' if mixed else f'{cfg.bits}-bit'})"
+    walk_layers(model, calib if needs_calib else None, label, visit)
     if cfg.head_bits:
         meta["lm_head"] = quantize_head(model, cfg.head_bits)
+    if mixed is not None:
+        meta["plan"] = mixed
     return meta
 
 
