@@ -19,7 +19,7 @@ from slimswarm.compress.quant.linear import QuantLinear
 from slimswarm.compress.quant.mixed import budget_range
 from slimswarm.compress.quant.rtn import minmax_params, quantize_codes, rtn_quantize
 from slimswarm.compress.quant.search import search_params
-from slimswarm.compress.recipe import QuantizeConfig
+from slimswarm.compress.recipe import QuantizeConfig, load_recipe
 from slimswarm.errors import SlimswarmError
 from slimswarm.models.checkpoint import save_checkpoint
 
@@ -85,17 +85,23 @@ def test_mixed_checkpoint_fits_its_budget_reloads_bit_exactly_and_matches_dequan
                                                                                             monkeypatch):
     monkeypatch.setenv("SLIMSWARM_CACHE", str(tmp_path / "cache"))
     m = load("stories260k")
-    lo, hi = budget_range(m.model, [WeightFormat.parse(f) for f in FORMATS], 8)
+    heads = [WeightFormat.parse(f) for f in ("w4g32", "w8")]
+    lo, hi = budget_range(m.model, [WeightFormat.parse(f) for f in FORMATS], 8, heads)
     budget = lo + (hi - lo) // 10
-    meta = quantize_model(m.model, _cfg(budget_bytes=budget), calib)
+    meta = quantize_model(m.model, _cfg(budget_bytes=budget, head_formats=["w4g32", "w8"]), calib)
     plan = meta["plan"]
     assert len(plan["count"]) >= 2, plan["count"]  # really mixed
+    assert plan["head"] in ("w4g32", "w8") and set(plan["sensitivity"]["lm_head"]) == {"w4g32", "w8"}
+    assert plan["sensitivity"]["lm_head"]["w4g32"] > plan["sensitivity"]["lm_head"]["w8"] > 0
     assert list(tmp_path.glob("cache/sensitivity/*.pt"))  # cached
     out = save_checkpoint(m.model, m.tokenizer, tmp_path / "ck", {"quantization": meta})
     on_disk = (out / "model.safetensors").stat().st_size
     assert on_disk <= budget and plan["planned_bytes"] <= budget and on_disk <= plan["planned_bytes"]
     for name, fmt in plan["formats"].items():
         q = m.model.get_submodule(name)
+        if name == "lm_head":
+            assert meta["lm_head"]["bits"] == WeightFormat.parse(fmt).bits
+            continue
         assert isinstance(q, QuantLinear) and WeightFormat(q.bits, -1 if q.group_size == q.in_features
                                                            else q.group_size).name == fmt
     doc = json.loads((out / "slimswarm.json").read_text())
@@ -139,7 +145,5 @@ def test_bad_budget_in_a_recipe_exits_2_with_one_line_and_writes_nothing(tmp_pat
     assert "quantize.budget_bpw: 0.25 bits/weight is outside the reachable range" in p.stderr
     assert not (tmp_path / "o").exists()
     (tmp_path / "r.yaml").write_text("quantize:\n  budget_bpw: 4\n  formats: [w5g32]\n")
-    p = subprocess.run([sys.executable, "-m", "slimswarm.cli", "compress", "stories260k", "--recipe",
-                        str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 2 and "format 'w5g32'" in p.stderr and not (tmp_path / "o").exists()
+    with pytest.raises(SlimswarmError, match=r"r.yaml: quantize: Value error, format 'w5g32': use wB or wBgG"):
+        load_recipe(str(tmp_path / "r.yaml"))

@@ -43,6 +43,8 @@ class QuantizeConfig(BaseModel):
     budget_bpw: float | None = Field(None, gt=0)
     budget_bytes: int | None = Field(None, gt=0)
     formats: list[str] = ["w3g64", "w4g128", "w4g64", "w8"]
+    # with a budget, the embeddings / LM head table (one item; tied: one table) chooses from these (null: head_bits)
+    head_formats: list[str] | None = None
 
     @model_validator(mode="after")
     def _per_tensor_rtn(self) -> "QuantizeConfig":
@@ -60,7 +62,7 @@ class QuantizeConfig(BaseModel):
 
             if not self.formats:
                 raise ValueError("formats: give at least one format for the budget to choose from")
-            for f in self.formats:
+            for f in self.formats + (self.head_formats or []):
                 try:
                     WeightFormat.parse(f)
                 except SlimswarmError as e:
@@ -225,6 +227,15 @@ _PRESETS = {
     "w3g128-gptq": {"quantize": {"method": "gptq", "bits": 3, "group_size": 128, "group_fallback": True}},
     "w4g64-rtn": {"quantize": {"method": "rtn", "bits": 4, "group_size": 64}},
     "w4g64-gptq": {"quantize": {"method": "gptq", "bits": 4, "group_size": 64}},
+    "w4g64-gptq-imatrix": {"quantize": {"method": "gptq", "bits": 4, "group_size": 64, "range_search": "imatrix"},
+                           "calibration": {"samples": 16, "seq_len": 256}},
+    # Mixed precision: the checkpoint folder (model.safetensors + 3.6 MB of tokenizer files) within 93.5 / 105 / 75 MB,
+    # the sizes of llama.cpp's Q3_K_M / Q4_K_M files of SmolLM2-135M and a 3-bit-class target (benchmarks/quant_smollm2.py).
+    **{f"mixed-{mb}mb": {"quantize": {"method": "gptq", "range_search": "imatrix", "budget_bytes": nbytes,
+                                      "formats": ["w3g64", "w4g128", "w4g96", "w4g64", "w8"],
+                                      "head_formats": ["w4g64", "w8"]},
+                         "calibration": {"samples": 16, "seq_len": 256}}
+       for mb, nbytes in ((93, 89_900_000), (105, 101_400_000), (75, 71_400_000))},
     "magnitude-50": {"prune": {"method": "magnitude", "sparsity": 0.5}},
     "wanda-50": {"prune": {"method": "wanda", "sparsity": 0.5}},
     "sparsegpt-50": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},

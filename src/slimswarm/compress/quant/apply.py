@@ -64,19 +64,24 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
 
-def quantize_head(model, bits: int = 8) -> dict:
-    """Embeddings and LM head as int8 rows (per-row scale); tied ones stay one table."""
+def head_codes(w: torch.Tensor, bits: int, group_size: int = -1, search: bool = False):
+    """(codes, scales, zeros) of an embedding / LM head table: RTN, with the range search when asked."""
+    return rtn_quantize(w.detach().float(), bits, group_size, search=search)
+
+
+def quantize_head(model, bits: int = 8, group_size: int = -1, search: bool = False) -> dict:
+    """Embeddings and LM head as integer rows (int8 per row by default); tied ones stay one table."""
     head = model.lm_head
-    codes, s, z = rtn_quantize(head.weight.detach(), bits, -1)
-    qhead = QuantLinear.from_codes(codes, s, z, bits)
+    qhead = QuantLinear.from_codes(*head_codes(head.weight, bits, group_size, search), bits)
     tied = model.config.tie_word_embeddings
     model.lm_head = qhead
     if tied:
         model.model.embed_tokens = QuantEmbedding(qhead, shared=True)
     else:
-        ec, es, ez = rtn_quantize(model.model.embed_tokens.weight.detach(), bits, -1)
-        model.model.embed_tokens = QuantEmbedding(QuantLinear.from_codes(ec, es, ez, bits), shared=False)
-    return {"bits": bits, "group_size": -1, "tied": tied}
+        emb = model.model.embed_tokens.weight
+        model.model.embed_tokens = QuantEmbedding(QuantLinear.from_codes(*head_codes(emb, bits, group_size, search),
+                                                                         bits), shared=False)
+    return {"bits": bits, "group_size": qhead.group_size if group_size != -1 else -1, "tied": tied}
 
 
 @torch.no_grad()
@@ -104,6 +109,7 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
 
         mixed = plan_mixed(model, cfg, calib)
         chosen = {n: WeightFormat.parse(f) for n, f in mixed["formats"].items()}
+        head_fmt = chosen.pop("lm_head", None)
 
     def visit(li, layer, names, stats):
         if mixed is None:
@@ -132,7 +138,9 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
 
     label = f"quantize ({cfg.method}, {'mixed' if mixed else f'{cfg.bits}-bit'})"
     walk_layers(model, calib if needs_calib else None, label, visit)
-    if cfg.head_bits:
+    if mixed is not None and head_fmt is not None:
+        meta["lm_head"] = quantize_head(model, head_fmt.bits, head_fmt.group_size, search)
+    elif cfg.head_bits:
         meta["lm_head"] = quantize_head(model, cfg.head_bits)
     if mixed is not None:
         meta["plan"] = mixed

@@ -21,13 +21,13 @@ def _err(w, imp, s, z, bits):
 
 
 def search_params(w: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor | None = None,
-                  steps: int = 10, lowest: float = 0.6, scale_dtype: torch.dtype = torch.float16):
+                  steps: int = 8, lowest: float = 0.6, scale_dtype: torch.dtype = torch.float16):
     """Scale and integer zero point per row of ``w`` [rows, group] (each row one group), the candidate of least
     ``importance``-weighted squared error (``importance`` [group] or [rows, group]; None: plain MSE).
 
     Candidates: min-max itself, and the range shrunk by factors in [``lowest``, 1) — symmetric: the absolute maximum
-    mapped to code ±(2^(b-1) − 1) or to −2^(b-1) (the extra negative level); asymmetric: the low and high ends shrunk
-    independently. Scales are rounded to ``scale_dtype`` before the error is measured, so the winner is exact as stored."""
+    mapped to code ±(2^(b-1) − 1) or to −2^(b-1) (the extra negative level); asymmetric: both ends shrunk by the same
+    factor, or one end alone (3·steps candidates, not steps², to keep the search cheap). Scales are rounded to ``scale_dtype`` before the error is measured, so the winner is exact as stored."""
     w = w.float()
     rows, g = w.shape
     imp = torch.ones(g) if importance is None else importance.float()
@@ -55,15 +55,16 @@ def search_params(w: torch.Tensor, bits: int, symmetric: bool, importance: torch
         # the signed extreme: where it is negative it can take code 0 (value -half * s) without clipping
         neg = w.gather(1, w.abs().argmax(-1, keepdim=True))[:, 0] < 0
         for p in factors:
-            consider(amax * p / (half - 1), zero)
+            if p < 1:
+                consider(amax * p / (half - 1), zero)
             consider(torch.where(neg, amax * p / half, amax * p / (half - 1)), zero)
     else:
         lo0 = w.amin(-1).clamp(max=0.0)
         hi0 = w.amax(-1).clamp(min=0.0)
-        for pl in factors:
-            for ph in factors:
-                lo, hi = lo0 * pl, hi0 * ph
-                s = ((hi - lo) / qmax).clamp_min(1e-8).to(scale_dtype).float().clamp_min(1e-8)
-                z = torch.round(-lo / s).clamp(0, qmax)
-                consider(s, z)
+        pairs = [(p, p) for p in factors[:-1]] + [(p, 1.0) for p in factors[:-1]] + [(1.0, p) for p in factors[:-1]]
+        for pl, ph in pairs:
+            lo, hi = lo0 * pl, hi0 * ph
+            s = ((hi - lo) / qmax).clamp_min(1e-8).to(scale_dtype).float().clamp_min(1e-8)
+            z = torch.round(-lo / s).clamp(0, qmax)
+            consider(s, z)
     return best_s, best_z
