@@ -2,6 +2,10 @@
 (first 32,768 tokens, 1,024-token windows), KL to fp32, decode tokens/s at batch 1 and 8, fraction of the bound.
 
     .venv/bin/python benchmarks/quant_smollm2.py [--presets w8,w4g128-rtn,...] [--max-tokens 32768]
+        [--llamacpp Q4_0,IQ4_NL,Q4_K_M,Q3_K_M,Q8_0] [--torchao ''] [--out benchmarks/results/quant_smollm2_budget]
+
+Beside ours: llama.cpp's own quantizer on the same weights (``llama_cpp.llama_model_quantize``), scored by llama.cpp
+on the same token ids, and torchao's CPU configs. Writes OUT.json/.md/.png and OUT_pareto.png (bytes vs ΔPPL).
 
 Caveat (data README): this model was published as Q4_1 (4-bit, asymmetric, blocks of 32) with Q8_0 embeddings, so
 its weights already lie on a 4-bit grid and re-quantizing with blocks of 32 is artificially lossless. The presets
@@ -206,7 +210,9 @@ def main() -> None:
     ap.add_argument("--speed-only", metavar="DIR",
                     help="re-measure decode speed (and nothing else) of a finished run's checkpoints in DIR "
                          "(its temporary folder, printed at the start) in a quiet moment, side by side in one pass")
-    ap.add_argument("--rows-from", metavar="LOG", help="take the rows an interrupted run printed to LOG; measure the rest")
+    ap.add_argument("--rows-from", metavar="LOG", action="append",
+                    help="take the rows a run printed to LOG (repeatable: runs split over processes); measure the rest")
+    ap.add_argument("--report-only", action="store_true", help="with --rows-from: measure nothing, write the report")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.speed_only:
@@ -222,10 +228,17 @@ def main() -> None:
     if args.rows_from:  # an interrupted run: keep what it measured (quality is deterministic), measure the rest
         import ast
 
-        for line in Path(args.rows_from).read_text().splitlines():
-            if line.startswith("{'name'"):
-                rows.append(ast.literal_eval(line[: line.rindex("}") + 1]))
+        for log in args.rows_from:
+            for line in Path(log).read_text().splitlines():
+                if line.startswith("{'name'"):
+                    row = ast.literal_eval(line[: line.rindex("}") + 1])
+                    if row["name"] not in {r["name"] for r in rows}:
+                        rows.append(row)
+        rows.sort(key=lambda r: r["name"] != "fp32")  # the fp32 row first: every delta is against it
     done = {r["name"] for r in rows}
+    if args.report_only:
+        finish(args, rows, load_start, bw)
+        return
 
     ids = ref.tokenizer.encode(text)
     ppl_seqs = windows_of(ids, 1024, args.max_tokens, "WikiText-2 test")
@@ -288,6 +301,11 @@ def main() -> None:
 
     if args.llamacpp:
         llamacpp_rows(args, ppl_seqs, kl_seqs, ref_lp, tmp, rows, measure_row)
+    finish(args, rows, load_start, bw)
+
+
+def finish(args, rows: list, load_start, bw: float) -> None:
+    """Deltas against the fp32 row, notes, the report and the Pareto plot."""
     fp = rows[0]
     for r in [r for r in rows if "perplexity" in r]:
         r["delta_ppl_pct"] = 100 * (r["perplexity"] / fp["perplexity"] - 1)
