@@ -147,3 +147,34 @@ def test_bad_budget_in_a_recipe_exits_2_with_one_line_and_writes_nothing(tmp_pat
     (tmp_path / "r.yaml").write_text("quantize:\n  budget_bpw: 4\n  formats: [w5g32]\n")
     with pytest.raises(SlimswarmError, match=r"r.yaml: quantize: Value error, format 'w5g32': use wB or wBgG"):
         load_recipe(str(tmp_path / "r.yaml"))
+
+
+def test_predicted_kl_tracks_the_kl_measured_with_each_tensor_quantized_alone():
+    """The sensitivity proxy against the truth on held-out text (stories260k, w4g32, 30 linears: Spearman 0.96,
+    predicted / measured median 0.95 when this test was written)."""
+    from slimswarm.compress.quant.sensitivity import decoder_linears, fisher_pass, predicted_kl, quantize_as
+
+    m = load("stories260k")
+    ids = calibration_batch(m.tokenizer, samples=32, seq_len=128)
+    calib, held = ids[:16], ids[16:]
+    st = fisher_pass(m.model, calib)
+    fmt, cfg = WeightFormat.parse("w4g32"), QuantizeConfig()
+    with torch.no_grad():
+        ref = torch.log_softmax(m.model(held).float(), -1)
+    pred, meas = [], []
+    for n, lin in decoder_linears(m.model).items():
+        if not fmt.fits(lin.in_features):  # down_proj: 172 inputs
+            continue
+        w = lin.weight.detach().clone()
+        wq = quantize_as(w, fmt, cfg, st[n]["xx"])
+        pred.append(predicted_kl(w, wq, st[n]["g2"], st[n]["xx"]))
+        with torch.no_grad():
+            lin.weight.copy_(wq)
+            q = torch.log_softmax(m.model(held).float(), -1)
+            lin.weight.copy_(w)
+        meas.append(torch.nn.functional.kl_div(q, ref, log_target=True, reduction="sum").item() / held.numel())
+    p, q = torch.tensor(pred), torch.tensor(meas)
+    rank = lambda t: t.argsort().argsort().float()  # noqa: E731
+    assert len(p) == 30
+    assert torch.corrcoef(torch.stack([rank(p), rank(q)]))[0, 1] > 0.85
+    assert 0.7 < (p / q).median() < 1.4
