@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--kl-tokens", type=int, default=8192)
     ap.add_argument("--llamacpp", default=LLAMACPP, help="llama.cpp ftypes to run beside ours ('' for none)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 row")
+    ap.add_argument("--no-fp32", action="store_true",
+                    help="skip the fp32 row (another process measures it; merge with --rows-from --report-only)")
     ap.add_argument("--torchao", default="int8wo,int8dyn,int4wo-g64,intx4-g64",
                     help="torchao 0.18 configs to run beside ours ('' for none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant_smollm2"))
@@ -262,7 +264,7 @@ def main() -> None:
               f"({time.perf_counter() - t:.0f}s)", flush=True)
 
     measure.torchao = args.torchao
-    if "fp32" not in done:
+    if "fp32" not in done and not args.no_fp32:
         save_checkpoint(ref.model, ref.tokenizer, tmp / "fp32", {"quantization": {}})
         measure("fp32", ref, disk_bytes(tmp / "fp32"), {"quantize_s": 0.0})
     if "bf16" not in done and not args.no_bf16:

@@ -123,9 +123,9 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the embedded default (slimswarm.demo): compress, compare, answer a prompt, run the team."""
-    from .demo import run_demo
+    from .demo import DEFAULT_RECIPE, run_demo
 
-    run_demo(args.model, args.recipe, args.out, args.dtype, args.max_tokens, args.team, args.team_items,
+    run_demo(args.model, args.recipe or DEFAULT_RECIPE, args.out, args.dtype, args.max_tokens, args.team, args.team_items,
              args.no_team, log=lambda m: print(m, flush=True))
     return 0
 
@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded default model")
     model_args(d, default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=8192)
-    d.add_argument("--recipe", default="mixed-93mb", help="compression recipe (default: the measured best trade-off)")
+    d.add_argument("--recipe", help="compression recipe (default: slimswarm.demo.DEFAULT_RECIPE, the measured best)")
     d.add_argument("--out", default="out")
     d.add_argument("--team", default=None, help="team YAML for the team part (default: examples/teams/"
                    "customer_service_lora.yaml; its adapters are trained into OUT/adapters when missing)")
