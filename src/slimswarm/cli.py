@@ -122,85 +122,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: load SmolLM2, compress it with a recipe, and show both side by side
-    (perplexity, KL, bytes, speed against the bandwidth bound), answer a prompt with the compressed model, then run
-    the customer-service team (LoRA specialists on one compressed base) against one uncompressed model."""
-    import torch
+    """The main job on the embedded default (slimswarm.demo): compress, compare, answer a prompt, run the team."""
+    from .demo import DEFAULT_RECIPE, run_demo
 
-    from .compress.calibrate import calibration_batch
-    from .compress.quant.apply import quantize_model
-    from .compress.recipe import load_recipe
-    from .evaluate.kl import kl_divergence
-    from .evaluate.report import markdown_table, write_report
-    from .evaluate.size import disk_bytes
-    from .evaluate.speed import measure_bandwidth, speed_report
-    from .models.checkpoint import file_sha256, save_checkpoint
-    from .models.generate import generate
-    from .models.load import load
-    from .models.sampling import SamplingParams
-
-    text, source = _read_text(None)
-    out = Path(args.out)
-    print(f"[1/5] loading {args.model} ...", flush=True)
-    base = load(args.model, dtype=getattr(torch, args.dtype))
-    print(f"      {base.model.num_parameters():,} parameters from {base.source}")
-    recipe = load_recipe(args.recipe)
-    ck = out / f"{Path(base.source).stem}-{recipe.name}"
-    if (ck / "slimswarm.json").exists():
-        print(f"[2/5] reusing the compressed checkpoint {ck}")
-    else:
-        print(f"[2/5] compressing with recipe {recipe.name} (calibration on GSM8K/AG News/SST-2 train text) ...",
-              flush=True)
-        work = load(args.model, dtype=getattr(torch, args.dtype))
-        c = recipe.calibration
-        calib = calibration_batch(work.tokenizer, None, c.samples, c.seq_len) if recipe.quantize.method != "rtn" else None
-        meta = quantize_model(work.model, recipe.quantize, calib)
-        save_checkpoint(work.model, work.tokenizer, ck, {"recipe": recipe.model_dump(), "quantization": meta,
-                                                         "parent": {"source": work.source,
-                                                                    "sha256": file_sha256(work.source)}}, overwrite=True)
-        del work
-    small = load(ck)
-    print(f"[3/5] perplexity on {args.max_tokens:,} tokens of {Path(source).name}, KL, speed ...", flush=True)
-    bw = measure_bandwidth()
-    rows = []
-    for name, m, path in ((f"{args.model} {args.dtype}", base, base.source), (f"{recipe.name}", small, ck)):
-        row = {"name": name}
-        row.update(evaluate_model(m, text, source, 1024, args.max_tokens))
-        if m is small:
-            row.update(kl=kl_divergence(base.model, small.model, base.tokenizer, text, 512, 4096)["kl"])
-        row.update(speed_report(m.model, bandwidth_gb_s=bw, new_tokens=32))
-        row["disk_bytes"] = disk_bytes(path)
-        rows.append(row)
-    cols = ["name", "perplexity", "kl", "tokens", "weight_bytes", "disk_bytes", "prefill_tokens_per_s",
-            "decode_tokens_per_s", "decode_tokens_per_s_batch8", "roofline_fraction", "peak_rss_bytes"]
-    print(markdown_table(rows, cols))
-    a, b = rows
-    print(f"      {b['name']}: {a['weight_bytes'] / b['weight_bytes']:.1f}x fewer weight bytes, decode "
-          f"{b['decode_tokens_per_s'] / a['decode_tokens_per_s']:.2f}x at batch 1, perplexity "
-          f"{100 * (b['perplexity'] / a['perplexity'] - 1):+.1f}%  (bandwidth {bw:.1f} GB/s)")
-    paths = write_report(rows, out / "demo", "slimswarm demo")
-    print(f"      report: {', '.join(str(p) for p in paths.values())}")
-    print("[4/5] generate with the compressed model (chat template, greedy):", flush=True)
-    prompt = "In two sentences, why do teams of AI agents need small models?"
-    c = generate(small.model, small.tokenizer, [prompt], SamplingParams(max_tokens=64), chat=True)[0]
-    print(f"  user: {prompt}\n  assistant: {c.text.strip()}")
-    if args.no_team:
-        return 0
-    from .agents.specialists import demo_team
-
-    print(f"[5/5] the team: {args.team} on {args.team_items} held-out items, against one uncompressed model ...",
-          flush=True)
-    trows = demo_team(args.team, out / "adapters", args.team_items, log=lambda m: print(m, flush=True))
-    print(markdown_table(trows, ["name", "correct", "accuracy", "latency_p50_s", "latency_p95_s", "tokens",
-                                 "weight_bytes", "adapter_bytes", "kv_bytes", "memory_bytes"]))
-    t, one, copies = trows
-    print(f"      team: {t['memory_bytes'] / one['memory_bytes']:.2f}x the memory of one fp32 model "
-          f"(one model per agent: {copies['memory_bytes'] / one['memory_bytes']:.0f}x); accuracy "
-          f"{t['accuracy']:.0%} vs {one['accuracy']:.0%}")
-    print(f"      answers, team:      {t['answers']}\n      answers, one model: {one['answers']}")
-    paths = write_report([{k: v for k, v in r.items() if k != "answers"} for r in trows], out / "demo_team",
-                         "slimswarm demo (team part)")
-    print(f"      report: {', '.join(str(p) for p in paths.values())}")
+    run_demo(args.model, args.recipe or DEFAULT_RECIPE, args.out, args.dtype, args.max_tokens, args.team, args.team_items,
+             args.no_team, log=lambda m: print(m, flush=True))
     return 0
 
 
@@ -212,7 +138,7 @@ def cmd_compress(args) -> int:
     import torch
 
     from .compress.calibrate import calibration_batch, read_calibration
-    from .compress.quant.apply import is_quantized, layer_plan
+    from .compress.quant.apply import check_quantize_plan, is_quantized
     from .compress.recipe import apply_recipe, load_recipe
     from .evaluate.size import disk_bytes, weight_bytes
     from .models.checkpoint import file_sha256, save_checkpoint
@@ -230,9 +156,7 @@ def cmd_compress(args) -> int:
         raise SlimswarmError(f"{args.model}: already quantized; compress its float parent instead")
     # Check every layer's grouping and pruning widths now, so an impossible setting fails before calibration.
     if recipe.quantize is not None and recipe.prune is None and recipe.lowrank is None:
-        for name, mod in loaded.model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                layer_plan(name, mod, recipe.quantize)
+        check_quantize_plan(loaded.model, recipe.quantize)
     if recipe.prune is not None:
         from .compress.prune.apply import check_plan
 
@@ -309,7 +233,7 @@ def cmd_finetune(args) -> int:
     except Exception as e:  # pydantic: name the field
         raise SlimswarmError(f"finetune: {str(e).splitlines()[1:3]}") from None
     recipe = load_recipe(args.quantize) if args.quantize else None
-    if recipe is not None and (recipe.quantize is None or recipe.quantize.method != "rtn"):
+    if recipe is not None and (recipe.quantize is None or recipe.quantize.needs_calibration):
         raise SlimswarmError(f"--quantize {args.quantize}: use an RTN recipe for the base (w8, w4g128-rtn, w4g64-rtn) "
                              "or give a compressed checkpoint as MODEL")
     loaded = load(args.model, dtype=getattr(torch, args.dtype))
@@ -644,10 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded default model")
     model_args(d, default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=8192)
-    d.add_argument("--recipe", default="w4g128-gptq")
+    d.add_argument("--recipe", help="compression recipe (default: slimswarm.demo.DEFAULT_RECIPE, the measured best)")
     d.add_argument("--out", default="out")
-    d.add_argument("--team", default=str(Path(__file__).resolve().parents[2] / "examples/teams/customer_service_lora.yaml"),
-                   help="team YAML for the team part (its adapters are trained into OUT/adapters when missing)")
+    d.add_argument("--team", default=None, help="team YAML for the team part (default: examples/teams/"
+                   "customer_service_lora.yaml; its adapters are trained into OUT/adapters when missing)")
     d.add_argument("--team-items", type=int, default=12, help="held-out SST-2 + AG News items for the team part")
     d.add_argument("--no-team", action="store_true", help="skip the team part")
     d.set_defaults(fn=cmd_demo)

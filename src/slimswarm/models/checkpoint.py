@@ -130,8 +130,12 @@ def _read_doc(path: Path) -> tuple[dict, _CheckpointDoc]:
         raise SlimswarmError(f"{meta}: unreadable ({e})") from None
     if isinstance(doc, dict) and doc.get("format") != FORMAT:
         raise SlimswarmError(f"{meta}: unknown format {doc.get('format')!r} (expected {FORMAT})")
+    checked = doc
+    if isinstance(doc, dict) and isinstance(doc.get("quantization"), dict) and "plan" in doc["quantization"]:
+        # the mixed-precision plan (compress/quant/mixed.py) is a record, not a module
+        checked = {**doc, "quantization": {k: v for k, v in doc["quantization"].items() if k != "plan"}}
     try:
-        return doc, _CheckpointDoc.model_validate(doc)
+        return doc, _CheckpointDoc.model_validate(checked)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "document"
