@@ -125,15 +125,23 @@ def main() -> None:
     ids = tok.encode(data_path("text/wikitext-2-raw-test.txt").read_text(encoding="utf-8"))
     seqs = windows_of(ids, WINDOW, args.tokens, "WikiText-2")
     prompt = ids[:16]
+    notes = [f"{len(seqs) * WINDOW:,} WikiText-2 tokens in {len(seqs)} windows of {WINDOW}; decode: {NEW} greedy "
+             f"tokens after a 16-token prompt, batch 1, {THREADS} threads, one run each.",
+             "The machine is shared and noisy (2 cores, other jobs running): read speeds only as ratios within one "
+             "config, measured back to back.",
+             "adapter: random-B r=8 LoRA (fixed seed), not a trained task adapter; ONNX runs it merged into fp32.",
+             "SmolLM2's published weights are Q4_1 blocks of 32, so int4-g32 RTN re-quantization is nearly lossless "
+             "here (see quant_smollm2.md)."]
+    cmd = "python benchmarks/export_runtimes.py " + " ".join(sys.argv[1:])
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as td:
         td = Path(td)
         for name in args.configs.split(","):
             m = load("smollm2-135m").model
-            ckpt, lora = td / f"{name}-ckpt", None
+            ckpt, lora, q = td / f"{name}-ckpt", None, {}
             if name == "int4":
-                quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=32, head_bits=None))
-            save_checkpoint(m, tok, ckpt, {"parent": {"source": "smollm2-135m"}})
+                q = quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=32, head_bits=None))
+            save_checkpoint(m, tok, ckpt, {"quantization": q, "parent": {"source": "smollm2-135m"}})
             gguf = td / f"{name}.gguf"
             export_gguf(m, tok, gguf)
             if name == "adapter":
@@ -164,16 +172,9 @@ def main() -> None:
                 r["ppl_vs_slimswarm"] = round(r["ppl"] / ref["ppl"], 4)
                 r["speed_vs_slimswarm"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 2)
             print(rows[-3:], file=sys.stderr, flush=True)
-    notes = [f"{len(seqs) * WINDOW:,} WikiText-2 tokens in {len(seqs)} windows of {WINDOW}; decode: {NEW} greedy "
-             f"tokens after a 16-token prompt, batch 1, {THREADS} threads, one run each.",
-             "The machine is shared and noisy (2 cores, other jobs running): read speeds only as ratios within one "
-             "config, measured back to back.",
-             "adapter: random-B r=8 LoRA (fixed seed), not a trained task adapter; ONNX runs it merged into fp32.",
-             "SmolLM2's published weights are Q4_1 blocks of 32, so int4-g32 RTN re-quantization is nearly lossless "
-             "here (see quant_smollm2.md)."]
-    cmd = "python benchmarks/export_runtimes.py " + " ".join(sys.argv[1:])
-    write_report(rows, args.out, cmd, notes)
-    print(Path(args.out).with_suffix(".md").read_text())
+            write_report(rows, args.out, cmd, notes)  # after every config, so a long run keeps what it measured
+    if rows:
+        print(Path(args.out).with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
 
 def llama(path, lora=None, n_ctx=512):
     # F32 KV cache: llama.cpp's default F16 cache alone moves logits by ~1e-2 on F32 weights
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False,
+    # one thread: llama.cpp's worker threads spin at barriers, which stalls badly on a busy 2-core machine
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False,
                            type_k=0, type_v=0, lora_path=None if lora is None else str(lora))
 
 
