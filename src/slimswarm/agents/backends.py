@@ -33,9 +33,9 @@ class Completion:
     ttft_s: float | None = None
     logprobs: list[float] | None = None  # one log-probability per generated token, when asked for
     finish_reason: str | None = None
-    route: dict | None = None  # where a distributed backend served it: replica, node, retries before it
     # structured tool calls, OpenAI's shape: [{"id", "type": "function", "function": {"name", "arguments"}}]
     tool_calls: list[dict] | None = None
+    route: dict | None = None  # where a distributed backend served it: replica, node, retries before it
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

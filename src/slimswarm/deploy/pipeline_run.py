@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import tempfile
 import threading
 import time
 from multiprocessing.connection import Client, Listener
@@ -17,7 +16,6 @@ from torch import nn
 
 from ..models.llama import KVCache
 
-_AUTH = b"slimswarm-pipeline"
 
 
 class Stage(nn.Module):
@@ -70,13 +68,12 @@ class Stage(nn.Module):
         return h
 
 
-def _stage_main(path: str, downstream, report, threads: int) -> None:
+def _stage_main(downstream, report, threads: int, auth: bytes) -> None:
     torch.set_num_threads(threads)
-    stage: Stage = torch.load(path, weights_only=False)
-    os.unlink(path)
-    lis = Listener(("127.0.0.1", 0), authkey=_AUTH)
+    stage: Stage = report.recv()  # from the parent, over this stage's private pipe (never from a file)
+    lis = Listener(("127.0.0.1", 0), authkey=auth)
     report.send(lis.address)
-    down = Client(downstream, authkey=_AUTH)
+    down = Client(downstream, authkey=auth)
     up = lis.accept()
     while True:
         msg = up.recv()
@@ -114,27 +111,27 @@ class PipelineRunner:
         if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)
         ctx.set_forkserver_preload(["torch", "slimswarm.deploy.pipeline_run"])
-        self._ret = Listener(("127.0.0.1", 0), authkey=_AUTH)
+        # a fresh secret per pipeline: the stages' loopback sockets carry pickled messages, so only they may connect
+        self._auth = os.urandom(32)
+        self._ret = Listener(("127.0.0.1", 0), authkey=self._auth)
         got: dict = {}
         acc = threading.Thread(target=lambda: got.setdefault("c", self._ret.accept()), daemon=True)
         acc.start()
         self.procs = []
         downstream = self._ret.address
-        tmp = Path(tempfile.mkdtemp(prefix="slimswarm-pipe-"))
         for k in reversed(range(len(ranges))):  # from the last stage back, so each knows where to send
             lo, hi = ranges[k]
-            p = tmp / f"stage{k}-{lo}-{hi}.pt"
-            torch.save(Stage(model, lo, hi, first=k == 0, last=k == len(ranges) - 1), p)
             a, b = ctx.Pipe()
-            proc = ctx.Process(target=_stage_main, args=(str(p), downstream, b, threads), daemon=True)
+            proc = ctx.Process(target=_stage_main, args=(downstream, b, threads, self._auth), daemon=True)
             proc.start()
+            a.send(Stage(model, lo, hi, first=k == 0, last=k == len(ranges) - 1))
             if not a.poll(300):  # a stage that dies while starting must not leave the caller waiting forever
                 for q in self.procs + [proc]:
                     q.kill()
                 raise RuntimeError(f"pipeline stage {k} (layers {lo}-{hi}) did not start (exit code {proc.exitcode})")
             downstream = a.recv()
             self.procs.append(proc)
-        self._to_first = Client(downstream, authkey=_AUTH)
+        self._to_first = Client(downstream, authkey=self._auth)
         acc.join(60)
         self._from_last = got["c"]
         self.stats: list[dict] = []

@@ -88,7 +88,7 @@ class RayBackend(Backend):
         affinity = adapter or (agent.name if agent is not None else "")
         out, route = self.call(key, affinity, "generate", chat, dict(params.__dict__), adapter, logprobs)
         return Completion(out["text"], out["prompt_tokens"], out["completion_tokens"], out["cached_tokens"],
-                          out["latency_s"], out["ttft_s"], out["logprobs"], out["finish_reason"], route)
+                          out["latency_s"], out["ttft_s"], out["logprobs"], out["finish_reason"], route=route)
 
     def call(self, key: str, affinity: str, method: str, *args, timeout_s: float | None = None) -> tuple[dict, dict]:
         """``replica.method(*args, time_left)`` on a replica of model ``key``, re-submitted (from scratch) to

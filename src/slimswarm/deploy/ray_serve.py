@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..engine.engine import EngineClosed, QueueFull
+from ..engine.grammar import GrammarError
 from ..errors import SlimswarmError
 from ..models.sampling import SamplingParams
 
@@ -49,6 +50,14 @@ class RemoteRequest:
         self._cancel = True
 
 
+class _NoGrammars:
+    """The replicas decode without grammars for now: a request with tools or response_format is refused (400)."""
+
+    def compile(self, grammar):
+        raise GrammarError("tools and response_format are not served through --ray replicas yet "
+                           "(serve without --ray for constrained decoding)", "tools")
+
+
 class ReplicaFront:
     """Engine-shaped view of the replicas of one model: ``submit`` picks a replica (least outstanding calls,
     re-submission when its node dies), answers QueueFull when every replica is full, EngineClosed after stop()."""
@@ -64,6 +73,7 @@ class ReplicaFront:
         self.max_len, self.vocab_size = info["max_len"], info["vocab_size"]
         self.adapters = _AdapterNames(info["adapters"]) if info["adapters"] else None
         self.tokenizer = ray.get(reps[0].handle.tokenizer.remote())
+        self.grammars = _NoGrammars()
         self._closed = False
         self._n = 0
 
@@ -79,8 +89,10 @@ class ReplicaFront:
         self.backend.close()
 
     def submit(self, ids, params: SamplingParams | None = None, adapter=None, timeout_s=None, logprobs=False,
-               top_logprobs=0, on_event=None) -> RemoteRequest:
+               top_logprobs=0, on_event=None, grammar=None) -> RemoteRequest:
         params = params or SamplingParams()
+        if grammar is not None:
+            raise GrammarError("constrained decoding is not served through --ray replicas yet", "tools")
         if self._closed:
             raise EngineClosed("engine is shut down")
         if adapter is not None and (self.adapters is None or adapter not in self.adapters):

@@ -157,7 +157,7 @@ def sensitivities(model, calib: torch.Tensor, formats: list[WeightFormat], cfg, 
     its width (and "lm_head" for ``head_formats``). Cached under ``cache_dir()`` (``SLIMSWARM_CACHE`` moves it)."""
     path = cache_dir() / f"{_key(model, calib, formats, cfg, head_formats or [])}.pt"
     if cache and path.is_file():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)  # a dict of floats: nothing to unpickle
     stats = fisher_pass(model, calib)
     out: dict[str, dict[str, float]] = {}
     lins = decoder_linears(model)
