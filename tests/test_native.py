@@ -308,9 +308,11 @@ def test_native_off_by_env_is_silent(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_int8_activations_stay_close_to_fp32_activations():
-    m = _model(hidden=128, inter=256)
-    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+@pytest.mark.parametrize("bits,gs,hidden", [(4, 64, 128), (4, 32, 128), (8, 64, 128), (4, -1, 96), (8, -1, 96)])
+def test_int8_activations_stay_close_to_fp32_activations(bits, gs, hidden):
+    # (4, 64) and (8, 64) take the fast loops; gs 32 and the 96/160-wide per-channel rows the general one with tails
+    m = _model(hidden=hidden, inter=160 if hidden == 96 else 256, heads=3 if hidden == 96 else 4, kv=1 if hidden == 96 else 2)
+    quantize_model(m, QuantizeConfig(method="rtn", bits=bits, group_size=gs, head_bits=8))
     exact = _decode(m, PROMPTS)
     native.set_act_int8(m, True)
     try:

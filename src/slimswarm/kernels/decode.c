@@ -298,6 +298,7 @@ typedef struct {
     float *xs;    /* [M, G] group sums of x (fp32 path) */
     int8_t *xq;   /* int8 path: quantized x (permuted like xp for Q4) */
     int32_t *xqs; /* [M, G] group sums of xq */
+    float *xqsf;  /* the same as floats */
     float sx[MAXM];
 } prep_t;
 
@@ -352,6 +353,7 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
             int32_t s = 0;
             for (int64_t i = 0; i < gs; i++) s += xq[g * gs + i];
             p->xqs[m * G + g] = s;
+            p->xqsf[m * G + g] = (float)s;
         }
     }
 }
@@ -367,11 +369,87 @@ static inline void nib_to_ps(__m128i b, __m256 *f0, __m256 *f1) {
     *f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
 }
 
+/* sum_g scale[g] * zero[g] * xqs[g] over one weight row: the zero-point term of the int8 path, 8 groups a step */
+static inline float zero_term(const float *sc, const float *zp, const float *xq, int64_t G) {
+    __m256 a = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8)
+        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(zp + g)), _mm256_loadu_ps(xq + g), a);
+    float s = hsum(a);
+    for (; g < G; g++) s += sc[g] * zp[g] * xq[g];
+    return s;
+}
+
+/* The int8-activation fast paths: 4-bit groups of a multiple of 64 columns, 8-bit groups of a multiple of 32.
+ * Each weight block is loaded and unpacked once and meets every row of x; the int32 dot of a group becomes float
+ * once (one cvt + one fma a group and row). Inlined with M as a constant for M == 1 (decode of one sequence). */
+static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, const prep_t *p, const int64_t M,
+                                                          int64_t n0, int64_t n1, float *y, int64_t ys, int add) {
+    const int64_t K = L->K, gs = L->gs, G = K / gs;
+    const int q4 = L->fmt == F_Q4;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    for (int64_t n = n0; n < n1; n++) {
+        const float *sc = L->scale + n * G, *zp = L->zero + n * G;
+        const uint8_t *qr = (const uint8_t *)L->w + n * (q4 ? K / 2 : K);
+        __m256 acc[MAXM];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            __m256i d[MAXM];
+            for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
+            if (q4) {
+                const uint8_t *qg = qr + g * gs / 2;
+                for (int64_t c = 0; c < gs; c += 64) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c / 2));
+                    const __m256i lo = _mm256_and_si256(w, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4);
+                    for (int64_t m = 0; m < M; m++) {
+                        const int8_t *xg = p->xq + m * K + g * gs + c;
+                        d[m] = dot_u8s8(d[m], lo, _mm256_loadu_si256((const __m256i *)xg));
+                        d[m] = dot_u8s8(d[m], hi, _mm256_loadu_si256((const __m256i *)(xg + 32)));
+                    }
+                }
+            } else {
+                const uint8_t *qg = qr + g * gs;
+                for (int64_t c = 0; c < gs; c += 32) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c));
+                    for (int64_t m = 0; m < M; m++)
+                        d[m] = dot_u8s8_wide(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
+                }
+            }
+            const __m256 vs = _mm256_set1_ps(sc[g]);
+            for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), vs, acc[m]);
+        }
+        const float b = L->bias ? L->bias[n] : 0.f;
+        for (int64_t m = 0; m < M; m++) {
+            const float o = p->sx[m] * (hsum(acc[m]) - zero_term(sc, zp, p->xqsf + m * G, G)) + b;
+            if (add)
+                y[m * ys + n] += o;
+            else
+                y[m * ys + n] = o;
+        }
+    }
+}
+
+static void q_i8_fast_m1(const ss_lin *L, const prep_t *p, int64_t n0, int64_t n1, float *y, int64_t ys, int add) {
+    q_i8_fast(L, p, 1, n0, n1, y, ys, add);
+}
+
+static void q_i8_fast_m(const ss_lin *L, const prep_t *p, int64_t M, int64_t n0, int64_t n1, float *y, int64_t ys,
+                        int add) {
+    q_i8_fast(L, p, M, n0, n1, y, ys, add);
+}
+
 /* y[m, n] (+)= row n of L times prepared input, for n in [n0, n1). ys: row stride of y. */
 static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M, int64_t n0, int64_t n1, float *y,
                      int64_t ys, int add) {
     const int64_t K = L->K;
     const int fmt = L->fmt;
+    if (p->i8 && ((fmt == F_Q4 && L->gs % 64 == 0) || (fmt == F_Q8 && L->gs % 32 == 0))) {
+        if (M == 1)
+            q_i8_fast_m1(L, p, n0, n1, y, ys, add);
+        else
+            q_i8_fast_m(L, p, M, n0, n1, y, ys, add);
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
         float out[MAXM];
         if (fmt == F_F32) {
@@ -491,12 +569,14 @@ typedef struct {
     const int32_t *lslot; /* per-row LoRA slot (0: none) or NULL */
     float *logits;
     float *x, *q, *k, *v, *att, *h, *h2; /* shared activations */
+    float *cs, *sn; /* [M, head_dim/2] RoPE cos/sin of each row's position (the same in every layer) */
     barrier_t bar;
     /* per thread */
     struct thread_buf {
         float *xn, *xp, *xs, *lt, *sc;
         int8_t *xq;
         int32_t *xqs;
+        float *xqsf;
         prep_t prep;
     } tb[MAXT];
 } ss_ctx;
@@ -522,7 +602,9 @@ ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
     c->att = amalloc(sizeof(float) * MAXM * (md->max_q + 8));
     c->h = amalloc(sizeof(float) * MAXM * (KX + 8));
     c->h2 = amalloc(sizeof(float) * MAXM * (KX + 8));
-    int ok = c->x && c->q && c->k && c->v && c->att && c->h && c->h2;
+    c->cs = amalloc(sizeof(float) * MAXM * (md->head_dim + 8));
+    c->sn = amalloc(sizeof(float) * MAXM * (md->head_dim + 8));
+    int ok = c->x && c->q && c->k && c->v && c->att && c->h && c->h2 && c->cs && c->sn;
     for (int t = 0; t < nth && ok; t++) {
         struct thread_buf *b = &c->tb[t];
         b->xn = amalloc(sizeof(float) * MAXM * (KX + 8));
@@ -530,9 +612,10 @@ ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
         b->xs = amalloc(sizeof(float) * MAXM * (KX + 8));
         b->xq = amalloc(MAXM * (KX + 64));
         b->xqs = amalloc(sizeof(int32_t) * MAXM * (KX + 8));
+        b->xqsf = amalloc(sizeof(float) * MAXM * (KX + 8));
         b->lt = amalloc(sizeof(float) * MAXM * R);
         b->sc = amalloc(sizeof(float) * (md->cache_len + 16));
-        ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->lt && b->sc;
+        ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->xqsf && b->lt && b->sc;
     }
     if (!ok) {
         ss_ctx_free(c);
@@ -543,10 +626,10 @@ ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
 
 void ss_ctx_free(ss_ctx *c) {
     if (!c) return;
-    free(c->x), free(c->q), free(c->k), free(c->v), free(c->att), free(c->h), free(c->h2);
+    free(c->x), free(c->q), free(c->k), free(c->v), free(c->att), free(c->h), free(c->h2), free(c->cs), free(c->sn);
     for (int t = 0; t < MAXT; t++) {
         struct thread_buf *b = &c->tb[t];
-        free(b->xn), free(b->xp), free(b->xs), free(b->xq), free(b->xqs), free(b->lt), free(b->sc);
+        free(b->xn), free(b->xp), free(b->xs), free(b->xq), free(b->xqs), free(b->xqsf), free(b->lt), free(b->sc);
     }
     free(c);
 }
@@ -606,6 +689,16 @@ int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, cons
             }
         }
     }
+    const int64_t half = md->head_dim / 2;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t p = slot[m] - (pad ? pad[m] : 0);
+        const float pos = (float)(p < 0 ? 0 : p);
+        for (int64_t i = 0; i < half; i++) {
+            const float f = pos * md->inv_freq[i]; /* fp32 product, as the Python path computes it */
+            c->cs[m * half + i] = cosf(f);
+            c->sn[m * half + i] = sinf(f);
+        }
+    }
     atomic_store(&c->bar.count, 0);
     pool_run(job, c, nth);
     return 0;
@@ -635,14 +728,12 @@ static void lora_add(const ss_ctx *c, const ss_lin *L, const float *x, float *lt
         }
 }
 
-static void rope(float *v, int64_t hd, const float *inv, int64_t pos) {
+static void rope(float *v, int64_t hd, const float *cs, const float *sn) {
     const int64_t h = hd / 2;
     for (int64_t i = 0; i < h; i++) {
-        const float f = (float)pos * inv[i];
-        const float cs = cosf(f), sn = sinf(f);
         const float a = v[i], b = v[i + h];
-        v[i] = a * cs - b * sn;
-        v[i + h] = b * cs + a * sn;
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + h] = b * cs[i] + a * sn[i];
     }
 }
 
@@ -654,10 +745,10 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
     const ss_model *md = c->md;
     const int64_t hd = md->head_dim, S = md->cache_len, nkv = L->n_kv, nh = L->n_heads, g = nh / nkv;
     const int64_t s = c->slot[m], p = c->pad ? c->pad[m] : 0, row = c->row0 + m;
-    const int64_t pos = s - p < 0 ? 0 : s - p;
+    const float *cs = c->cs + m * (hd / 2), *sn = c->sn + m * (hd / 2);
     const int dt = md->cache_dtype;
     float *kk = c->k + m * nkv * hd + kvh * hd, *vv = c->v + m * nkv * hd + kvh * hd;
-    rope(kk, hd, md->inv_freq, pos);
+    rope(kk, hd, cs, sn);
     const int64_t base = (row * nkv + kvh) * S * hd;
     if (dt == C_F32) {
         memcpy((float *)L->kc + base + s * hd, kk, sizeof(float) * hd);
@@ -673,7 +764,7 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
     for (int64_t qi = 0; qi < g; qi++) {
         const int64_t head = kvh * g + qi;
         float *qq = c->q + m * nh * hd + head * hd;
-        rope(qq, hd, md->inv_freq, pos);
+        rope(qq, hd, cs, sn);
         float mx = -INFINITY;
         for (int64_t j = lo; j <= s; j++) {
             float d;
@@ -713,7 +804,7 @@ static void job(void *arg, int tid, int nth) {
     const ss_model *md = c->md;
     struct thread_buf *tb = &c->tb[tid];
     prep_t *p = &tb->prep;
-    p->xp = tb->xp, p->xs = tb->xs, p->xq = tb->xq, p->xqs = tb->xqs;
+    p->xp = tb->xp, p->xs = tb->xs, p->xq = tb->xq, p->xqs = tb->xqs, p->xqsf = tb->xqsf;
     p->x = NULL;
     const int64_t M = c->M, H = md->hidden, hd = md->head_dim;
     const int i8 = md->act_int8;
