@@ -308,9 +308,10 @@ def test_native_off_by_env_is_silent(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("bits,gs,hidden", [(4, 64, 128), (4, 32, 128), (8, 64, 128), (4, -1, 96), (8, -1, 96)])
+@pytest.mark.parametrize("bits,gs,hidden", [(4, 64, 128), (4, 32, 128), (8, 64, 128), (4, -1, 96), (8, -1, 96), (4, 16, 128)])
 def test_int8_activations_stay_close_to_fp32_activations(bits, gs, hidden):
-    # (4, 64) and (8, 64) take the fast loops; gs 32 and the 96/160-wide per-channel rows the general one with tails
+    # groups of 32k columns take the fast loops (incl. a 32-column tail: 96, 160); 96-wide per-channel rows of
+    # the 8-bit head and 160-wide ones the general loop with its tails
     m = _model(hidden=hidden, inter=160 if hidden == 96 else 256, heads=3 if hidden == 96 else 4, kv=1 if hidden == 96 else 2)
     quantize_model(m, QuantizeConfig(method="rtn", bits=bits, group_size=gs, head_bits=8))
     exact = _decode(m, PROMPTS)

@@ -380,7 +380,7 @@ static inline float zero_term(const float *sc, const float *zp, const float *xq,
     return s;
 }
 
-/* The int8-activation fast paths: 4-bit groups of a multiple of 64 columns, 8-bit groups of a multiple of 32.
+/* The int8-activation fast paths: groups of a multiple of 32 columns (4 and 8 bits).
  * Each weight block is loaded and unpacked once and meets every row of x; the int32 dot of a group becomes float
  * once (one cvt + one fma a group and row). Inlined with M as a constant for M == 1 (decode of one sequence). */
 static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, const prep_t *p, const int64_t M,
@@ -398,7 +398,8 @@ static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, con
             for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
             if (q4) {
                 const uint8_t *qg = qr + g * gs / 2;
-                for (int64_t c = 0; c < gs; c += 64) {
+                int64_t c = 0;
+                for (; c + 64 <= gs; c += 64) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c / 2));
                     const __m256i lo = _mm256_and_si256(w, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4);
                     for (int64_t m = 0; m < M; m++) {
@@ -406,6 +407,11 @@ static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, con
                         d[m] = dot_u8s8(d[m], lo, _mm256_loadu_si256((const __m256i *)xg));
                         d[m] = dot_u8s8(d[m], hi, _mm256_loadu_si256((const __m256i *)(xg + 32)));
                     }
+                }
+                if (c < gs) { /* a last block of 32 columns (groups of 96, 160, ...) */
+                    const __m256i w = nib16(qg + c / 2);
+                    for (int64_t m = 0; m < M; m++)
+                        d[m] = dot_u8s8(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
                 }
             } else {
                 const uint8_t *qg = qr + g * gs;
@@ -443,7 +449,7 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
                      int64_t ys, int add) {
     const int64_t K = L->K;
     const int fmt = L->fmt;
-    if (p->i8 && ((fmt == F_Q4 && L->gs % 64 == 0) || (fmt == F_Q8 && L->gs % 32 == 0))) {
+    if (p->i8 && (fmt == F_Q4 || fmt == F_Q8) && L->gs % 32 == 0) {
         if (M == 1)
             q_i8_fast_m1(L, p, n0, n1, y, ys, add);
         else
