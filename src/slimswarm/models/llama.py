@@ -408,7 +408,7 @@ class CausalLM(nn.Module):
         if t == 1 and cached and not hidden_only and b <= native.MAX_M and not torch.is_grad_enabled():
             step = native.step_for(self)  # one C call for the whole decoder (kernels/decode.c), or None
             if step is not None:
-                return step.decode(self, tokens[:, 0], slots[:, 0], pad, row0)[:, None]
+                return step.decode(self, tokens[:, 0], slots[:, 0], pad, row0)[:, None].to(self.dtype)
         pos = slots if pad is None else (slots - pad[:, None]).clamp_min(0)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(pos, x.dtype)
