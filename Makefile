@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps torchao==0.18.0
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/gemv_kernels.py
 	$(BIN)/python benchmarks/decode_smollm2.py
 	$(BIN)/python benchmarks/quant_smollm2.py
@@ -31,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/distill_smollm2.py
 	$(BIN)/python benchmarks/team_throughput.py
 	$(BIN)/python benchmarks/team_quality.py
+	$(BIN)/python benchmarks/vs_llamacpp.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

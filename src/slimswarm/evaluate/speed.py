@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -13,18 +15,30 @@ from ..models.sampling import SamplingParams
 from .size import decode_bytes_per_token
 
 
+_BANDWIDTH_PROBE = """
+import statistics, sys, time, torch
+mb, repeats, threads = (int(a) for a in sys.argv[1:4])
+torch.set_num_threads(threads)
+buf = torch.empty(mb * 1024 * 1024 // 4, dtype=torch.float32)
+buf.fill_(1.0)
+buf.sum()  # warm
+times = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    buf.sum()
+    times.append(time.perf_counter() - t)
+# The median, not the best: a shared host sometimes lends a burst far above what decode can count on.
+print(buf.numel() * 4 / statistics.median(times) / 1e9)
+"""
+
+
 def measure_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: sum over a buffer much larger than the caches, written first so pages exist."""
-    buf = torch.empty(mb * 1024 * 1024 // 4, dtype=torch.float32)
-    buf.fill_(1.0)
-    buf.sum()  # warm
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
-    # The median, not the best: a shared host sometimes lends a burst far above what decode can count on.
-    return buf.numel() * 4 / statistics.median(times) / 1e9
+    """Read bandwidth in GB/s: sum over a buffer much larger than the caches, written first so pages exist, with
+    this process's thread count. It runs in a child process, so the 1 GB buffer does not count in the peak RSS
+    that ``speed_report`` reports for the model."""
+    out = subprocess.run([sys.executable, "-c", _BANDWIDTH_PROBE, str(mb), str(repeats), str(torch.get_num_threads())],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_bytes() -> int:

@@ -105,11 +105,11 @@ def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, ove
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
     """Rebuild the (compressed) model exactly as saved: quantized modules first, then the tensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     from ..compress.quant.linear import QuantEmbedding, QuantLinear
     from .load import Loaded
+    from .materialize import empty_model, load_streamed
 
     path = Path(path)
     try:
@@ -118,13 +118,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
         raise SlimswarmError(f"{path / 'slimswarm.json'}: unreadable ({e})") from None
     if doc.get("format") != FORMAT:
         raise SlimswarmError(f"{path / 'slimswarm.json'}: unknown format {doc.get('format')!r} (expected {FORMAT})")
-    try:
-        sd = load_file(str(path / "model.safetensors"))
+    try:  # tensors are read one layer at a time below (plain reads: no mapped file pages stay resident)
+        st = safe_open(str(path / "model.safetensors"), framework="pt", backend="pread")
     except (SafetensorError, OSError) as e:
         raise SlimswarmError(f"{path / 'model.safetensors'}: corrupt or truncated ({str(e).splitlines()[0]})") from None
     cfg = ModelConfig(**doc["config"])
     target = dtype or getattr(torch, doc.get("dtype", "float32"))
-    model = CausalLM(cfg).to(target)
+    model = empty_model(cfg, target)  # uninitialised: every tensor is overwritten below
     q = doc.get("quantization", {})
     for name, info in q.items():
         if name == "lm_head":
@@ -147,7 +147,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
         setattr(model.get_submodule(parent) if parent else model, leaf, cls.from_spec(spec))
     if cfg.tie_word_embeddings and "lm_head" not in q:
         model.lm_head.weight = model.model.embed_tokens.weight
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = load_streamed(model, ((k, st.get_tensor(k)) for k in st.keys()))
+    except (SafetensorError, OSError) as e:
+        raise SlimswarmError(f"{path / 'model.safetensors'}: corrupt or truncated ({str(e).splitlines()[0]})") from None
+    del st
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
         raise SlimswarmError(f"{path}: checkpoint does not match its slimswarm.json "

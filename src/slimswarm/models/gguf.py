@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import SlimswarmError
+from .gguf_header import GGUFTensor, read_header
 from .llama import ModelConfig
 from .tokenizer import HFTokenizer
 
@@ -25,6 +28,7 @@ _GGUF_TO_HF = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+CHUNK_BYTES = 1 << 20  # bytes of a GGUF tensor read and de-quantized per step (bounds the temporaries)
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -33,32 +37,22 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(ModelConfig, state dict in our names, GGUFReader) from a GGUF file."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
+def open_gguf(path: str | Path) -> tuple[ModelConfig, list[GGUFTensor]]:
+    """(ModelConfig, tensor table) from a GGUF file's header; the weights stay on disk (see ``gguf_weights``)."""
     path = Path(path)
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # truncated or not a GGUF at all
+        meta, table = read_header(path)
+    except (ValueError, OSError, struct.error) as e:  # truncated or not a GGUF at all
         raise SlimswarmError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    arch = _field(reader, "general.architecture")
+    arch = meta.get("general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
         raise SlimswarmError(f"{path}: unsupported architecture {arch!r} (llama, qwen2, mistral)")
-    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    g = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
     n_heads, n_kv = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = int(g("vocab_size", len(tokens.data) if tokens is not None else 0))
-    names = {t.name for t in reader.tensors}
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = int(g("vocab_size", len(tokens) if tokens is not None else 0))
+    names = {t.name for t in table}
+    eos = meta.get("tokenizer.ggml.eos_token_id")
     scaling = None
     if g("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
@@ -76,33 +70,73 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
         max_position_embeddings=int(g("context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=[] if eos is None else [int(eos)],
         model_type=arch,
     )
-    sd: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    return cfg, table
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    if gguf_name == "output.weight":
+        return "lm_head.weight"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_TO_HF:
+        return f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}.{parts[3]}"
+    return None  # e.g. rope_freqs: recomputed from the config
+
+
+def _dequantized(f, t: GGUFTensor, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    """One tensor, read with plain file reads (no mapped file pages left resident) and de-quantized
+    ``CHUNK_BYTES`` of the file at a time straight into its final tensor of ``dtype``."""
+    from gguf.quants import dequantize
+
+    shape = list(t.shape)
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    row_bytes = t.n_bytes // rows
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(rows, shape[-1])
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        buf = bytearray(n * row_bytes)
+        f.seek(t.data_offset + r0 * row_bytes)
+        if f.readinto(buf) != len(buf):
+            raise SlimswarmError(f"{path}: tensor {t.name!r} is truncated")
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            arr = dequantize(np.frombuffer(buf, dtype=np.uint8).reshape(n, row_bytes), t.tensor_type)
         except Exception as e:
             raise SlimswarmError(f"{path}: tensor {t.name!r} cannot be read ({e})") from None
-        rows = [int(x) for x in reversed(t.shape.tolist())]
-        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(rows))
-        parts = t.name.split(".")
-        if t.name == "token_embd.weight":
-            key = "model.embed_tokens.weight"
-        elif t.name == "output_norm.weight":
-            key = "model.norm.weight"
-        elif t.name == "output.weight":
-            key = "lm_head.weight"
-        elif parts[0] == "blk" and parts[2] in _GGUF_TO_HF:
-            key = f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}.{parts[3]}"
-            if arch == "llama" and parts[2] in ("attn_q", "attn_k"):  # llama.cpp permutes q/k for llama only
-                w = unpermute_rope(w, n_heads if parts[2] == "attn_q" else n_kv)
-        else:
-            continue  # e.g. rope_freqs: recomputed from the config
-        sd[key] = w.to(dtype)
-    return cfg, sd, reader
+        flat[r0 : r0 + n] = torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(n, shape[-1]))
+    return out
+
+
+def gguf_weights(path: str | Path, table: list[GGUFTensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name in our model, tensor of ``dtype``) for each GGUF tensor, one at a time, in file order."""
+    path = Path(path)
+    arch = cfg.model_type
+    with open(path, "rb") as f:
+        for t in table:
+            key = _hf_name(t.name)
+            if key is None:
+                continue
+            w = _dequantized(f, t, dtype, path)
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            if arch == "llama" and kind in ("attn_q", "attn_k"):  # llama.cpp permutes q/k for llama only
+                w = unpermute_rope(w, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
+            yield key, w
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(ModelConfig, state dict in our names, tensor table): the whole state dict at once (tests, tools);
+    ``load`` streams ``gguf_weights`` instead."""
+    cfg, table = open_gguf(path)
+    return cfg, dict(gguf_weights(path, table, cfg, dtype)), table
 
 
 def gguf_tokenizer(path: str | Path, cfg: ModelConfig) -> HFTokenizer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,26 +22,34 @@ def read_hf_config(folder: Path) -> ModelConfig:
     return ModelConfig.from_hf(cfg, source=str(p))
 
 
-def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight of the folder, read one tensor at a time (safetensors with plain reads,
+    so no mapped file pages stay resident; a PyTorch ``.bin`` shard is read whole)."""
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         files = sorted(folder.glob("pytorch_model*.bin"))
         if not files:
             raise SlimswarmError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
-    sd: dict[str, torch.Tensor] = {}
+    cast = lambda v: v.to(dtype) if v.is_floating_point() else v  # noqa: E731
     for f in files:
         try:
             if f.suffix == ".safetensors":
-                part = load_file(str(f))
+                with safe_open(str(f), framework="pt", backend="pread") as st:
+                    for k in st.keys():
+                        yield k, cast(st.get_tensor(k))
             else:
                 part = torch.load(str(f), map_location="cpu", weights_only=True)
+                for k in list(part):
+                    yield k, cast(part.pop(k))
         except (SafetensorError, RuntimeError, OSError, ValueError) as e:
             raise SlimswarmError(f"{f}: corrupt or truncated weights ({str(e).splitlines()[0]})") from None
-        sd.update(part)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The whole state dict at once (``load`` streams ``hf_weights`` instead)."""
+    return dict(hf_weights(folder, dtype))
 
 
 def read_hf_tokenizer(folder: Path, cfg: ModelConfig) -> HFTokenizer:

@@ -48,17 +48,17 @@ class Loaded:
     meta: dict
 
 
-def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype=torch.float32) -> CausalLM:
-    """Instantiate our model and load a state dict in Hugging Face names, strictly."""
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    sd = dict(sd)
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    model.load_state_dict(sd, strict=False, assign=True)
+def build_model(cfg: ModelConfig, sd, source: str, dtype=torch.float32) -> CausalLM:
+    """Instantiate our model and load weights in Hugging Face names, strictly. ``sd``: a state dict or an
+    iterable of (name, tensor) pairs, consumed one layer at a time (see ``materialize``)."""
+    from .materialize import empty_model, load_streamed
+
+    model = empty_model(cfg)
+    skip = ["lm_head.weight"] if cfg.tie_word_embeddings else []
+    missing, _ = load_streamed(model, sd, assign=True, skip=skip)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [m for m in missing if m not in skip]
     if missing:
         raise SlimswarmError(f"{source}: weights missing for {missing[0]} (and {len(missing) - 1} more)")
     model.inv_freq = rope_inv_freq(cfg).float()
@@ -94,13 +94,13 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
         if not (p / "config.json").exists():
             raise SlimswarmError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
         cfg = hf.read_hf_config(p)
-        model = build_model(cfg, hf.read_hf_weights(p, dtype), str(p), dtype)
+        model = build_model(cfg, hf.hf_weights(p, dtype), str(p), dtype)
         return Loaded(model, hf.read_hf_tokenizer(p, cfg), str(p), "hf", {})
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        cfg, sd, _ = gguf.read_gguf(p, dtype)
-        model = build_model(cfg, sd, str(p), dtype)
+        cfg, table = gguf.open_gguf(p)
+        model = build_model(cfg, gguf.gguf_weights(p, table, cfg, dtype), str(p), dtype)
         return Loaded(model, gguf.gguf_tokenizer(p, cfg), str(p), "gguf", {})
     if p.suffix == ".gguf":
         raise SlimswarmError(f"{p}: not a GGUF file (bad magic {magic!r})")
