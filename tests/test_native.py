@@ -323,3 +323,26 @@ def test_int8_activations_stay_close_to_fp32_activations(bits, gs, hidden):
         native.set_act_int8(m, False)
     rel = ((q8 - exact).abs().max() / exact.abs().max()).item()
     assert 0 < rel <= 0.03, rel  # different (int8 inputs) but close: stated bound 3% of the largest logit
+
+
+@pytest.mark.parametrize("case", ["no compiler", "no avx2"])
+def test_no_compiler_or_no_avx2_warns_once_and_uses_the_python_path(case, monkeypatch, tmp_path, capsys):
+    m = _model()
+    py = _decode(m, PROMPTS, on=False)
+    monkeypatch.setattr(native, "_libs", {})  # forget the built libraries for this test
+    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native, "_steps", native.weakref.WeakKeyDictionary())
+    monkeypatch.setenv("SLIMSWARM_CACHE", str(tmp_path))  # nothing cached: the build must run
+    if case == "no compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        want = "C compiler failed: [Errno 2] No such file or directory"
+    else:
+        monkeypatch.setattr(native, "_cpu_flags", lambda: {"sse2", "sse4_2"})
+        want = "needs Linux on an x86-64 CPU with AVX2 and FMA"
+    capsys.readouterr()
+    out = _decode(m, PROMPTS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"slimswarm: warning: native decode step off: {want}"), err
+    assert err[0].endswith("; using the Python path")
+    assert torch.equal(out, py)
+    assert not list(tmp_path.glob("kernels/*.so"))  # no half-built library left behind
