@@ -25,15 +25,17 @@ RUNTIME = ("import torch, numpy, gguf, safetensors, transformers; from transform
            "import slimswarm.cli")
 PROMPT = "Hello, my name is"
 WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-           "sys.stderr.write(r.stderr[-2000:]); print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+           "sys.stderr.write(r.stderr[-2000:]); print('OUT', (r.stdout.strip().splitlines() or [''])[-1]); "
+           "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
 
 
 def peak(args: list[str]) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     out = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True, env=env, check=True)
-    last, rss = out.stdout.strip().splitlines()[-2:]
-    return int(rss), last
+    lines = out.stdout.splitlines()
+    last = next(x[4:] for x in reversed(lines) if x.startswith("OUT "))
+    rss = next(int(x[4:]) for x in reversed(lines) if x.startswith("RSS "))
+    return rss, last
 
 
 def main() -> None:
@@ -78,7 +80,12 @@ def main() -> None:
                          "bound_1_5x_bytes": int(bound), "meets_bound": own <= bound,
                          "meets_bound_above_runtime": own - runtime <= bound})
             print(json.dumps(rows[-1]), flush=True)
-    notes = [
+            write_report(rows, args.out, "python benchmarks/load_memory.py " + " ".join(sys.argv[1:]),
+                         notes(runtime))  # after every row: a run cut short keeps what it measured
+
+
+def notes(runtime: int) -> list[str]:
+    return [
         f"runtime: peak RSS of `python -c \"{RUNTIME}\"` = {runtime / 1e6:.0f} MB (import torch alone: ~220 MB).",
         "Before this change (commit df45b1d, measured with /usr/bin/time -v and VmHWM): slimswarm generate "
         "smollm2-135m 1,291 MB, generate w4g128-rtn 914 MB; bench reported its 1 GB bandwidth buffer in its peak.",
@@ -89,7 +96,6 @@ def main() -> None:
         "A shared 2-core VM: RSS of file-backed pages (libtorch) can shrink under other jobs' memory pressure; "
         "peaks are the high-water marks.",
     ]
-    write_report(rows, args.out, "python benchmarks/load_memory.py " + " ".join(sys.argv[1:]), notes)
 
 
 if __name__ == "__main__":

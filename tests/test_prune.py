@@ -28,7 +28,7 @@ def calib(stories, data_dir):
 @pytest.fixture(scope="module")
 def layer_stats(stories, calib):
     """Inputs (Hessian and token sample) of every linear of decoder layer 2, from real calibration text."""
-    from slimswarm.compress.quant.apply import _collect, _run_layer
+    from slimswarm.compress.layerwise import collect_stats as _collect, run_layer as _run_layer
 
     m = stories.model
     x = m.model.embed_tokens(calib)
@@ -324,7 +324,7 @@ def test_recipe_prune_then_quantize_composes(stories, calib):
 @pytest.mark.slow
 def test_smollm2_layer_wanda_and_sparsegpt_2_4_beat_magnitude(smollm2):
     from slimswarm.compress.calibrate import calibration_batch
-    from slimswarm.compress.quant.apply import _collect
+    from slimswarm.compress.layerwise import collect_stats as _collect
 
     m = smollm2.model
     calib = calibration_batch(smollm2.tokenizer, None, 4, 128)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from slimswarm import load
 from slimswarm.compress.calibrate import calibration_batch
-from slimswarm.compress.quant.apply import _collect, quantize_model
+from slimswarm.compress.layerwise import collect_stats as _collect
+from slimswarm.compress.quant.apply import quantize_model
 from slimswarm.compress.quant.awq import awq_search
 from slimswarm.compress.quant.gptq import gptq_quantize
 from slimswarm.compress.quant.linear import QuantLinear

@@ -122,85 +122,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default: load SmolLM2, compress it with a recipe, and show both side by side
-    (perplexity, KL, bytes, speed against the bandwidth bound), answer a prompt with the compressed model, then run
-    the customer-service team (LoRA specialists on one compressed base) against one uncompressed model."""
-    import torch
+    """The main job on the embedded default (slimswarm.demo): compress, compare, answer a prompt, run the team."""
+    from .demo import DEFAULT_RECIPE, run_demo
 
-    from .compress.calibrate import calibration_batch
-    from .compress.quant.apply import quantize_model
-    from .compress.recipe import load_recipe
-    from .evaluate.kl import kl_divergence
-    from .evaluate.report import markdown_table, write_report
-    from .evaluate.size import disk_bytes
-    from .evaluate.speed import measure_bandwidth, speed_report
-    from .models.checkpoint import file_sha256, save_checkpoint
-    from .models.generate import generate
-    from .models.load import load
-    from .models.sampling import SamplingParams
-
-    text, source = _read_text(None)
-    out = Path(args.out)
-    print(f"[1/5] loading {args.model} ...", flush=True)
-    base = load(args.model, dtype=getattr(torch, args.dtype))
-    print(f"      {base.model.num_parameters():,} parameters from {base.source}")
-    recipe = load_recipe(args.recipe)
-    ck = out / f"{Path(base.source).stem}-{recipe.name}"
-    if (ck / "slimswarm.json").exists():
-        print(f"[2/5] reusing the compressed checkpoint {ck}")
-    else:
-        print(f"[2/5] compressing with recipe {recipe.name} (calibration on GSM8K/AG News/SST-2 train text) ...",
-              flush=True)
-        work = load(args.model, dtype=getattr(torch, args.dtype))
-        c = recipe.calibration
-        calib = calibration_batch(work.tokenizer, None, c.samples, c.seq_len) if recipe.quantize.method != "rtn" else None
-        meta = quantize_model(work.model, recipe.quantize, calib)
-        save_checkpoint(work.model, work.tokenizer, ck, {"recipe": recipe.model_dump(), "quantization": meta,
-                                                         "parent": {"source": work.source,
-                                                                    "sha256": file_sha256(work.source)}}, overwrite=True)
-        del work
-    small = load(ck)
-    print(f"[3/5] perplexity on {args.max_tokens:,} tokens of {Path(source).name}, KL, speed ...", flush=True)
-    bw = measure_bandwidth()
-    rows = []
-    for name, m, path in ((f"{args.model} {args.dtype}", base, base.source), (f"{recipe.name}", small, ck)):
-        row = {"name": name}
-        row.update(evaluate_model(m, text, source, 1024, args.max_tokens))
-        if m is small:
-            row.update(kl=kl_divergence(base.model, small.model, base.tokenizer, text, 512, 4096)["kl"])
-        row.update(speed_report(m.model, bandwidth_gb_s=bw, new_tokens=32))
-        row["disk_bytes"] = disk_bytes(path)
-        rows.append(row)
-    cols = ["name", "perplexity", "kl", "tokens", "weight_bytes", "disk_bytes", "prefill_tokens_per_s",
-            "decode_tokens_per_s", "decode_tokens_per_s_batch8", "roofline_fraction", "peak_rss_bytes"]
-    print(markdown_table(rows, cols))
-    a, b = rows
-    print(f"      {b['name']}: {a['weight_bytes'] / b['weight_bytes']:.1f}x fewer weight bytes, decode "
-          f"{b['decode_tokens_per_s'] / a['decode_tokens_per_s']:.2f}x at batch 1, perplexity "
-          f"{100 * (b['perplexity'] / a['perplexity'] - 1):+.1f}%  (bandwidth {bw:.1f} GB/s)")
-    paths = write_report(rows, out / "demo", "slimswarm demo")
-    print(f"      report: {', '.join(str(p) for p in paths.values())}")
-    print("[4/5] generate with the compressed model (chat template, greedy):", flush=True)
-    prompt = "In two sentences, why do teams of AI agents need small models?"
-    c = generate(small.model, small.tokenizer, [prompt], SamplingParams(max_tokens=64), chat=True)[0]
-    print(f"  user: {prompt}\n  assistant: {c.text.strip()}")
-    if args.no_team:
-        return 0
-    from .agents.specialists import demo_team
-
-    print(f"[5/5] the team: {args.team} on {args.team_items} held-out items, against one uncompressed model ...",
-          flush=True)
-    trows = demo_team(args.team, out / "adapters", args.team_items, log=lambda m: print(m, flush=True))
-    print(markdown_table(trows, ["name", "correct", "accuracy", "latency_p50_s", "latency_p95_s", "tokens",
-                                 "weight_bytes", "adapter_bytes", "kv_bytes", "memory_bytes"]))
-    t, one, copies = trows
-    print(f"      team: {t['memory_bytes'] / one['memory_bytes']:.2f}x the memory of one fp32 model "
-          f"(one model per agent: {copies['memory_bytes'] / one['memory_bytes']:.0f}x); accuracy "
-          f"{t['accuracy']:.0%} vs {one['accuracy']:.0%}")
-    print(f"      answers, team:      {t['answers']}\n      answers, one model: {one['answers']}")
-    paths = write_report([{k: v for k, v in r.items() if k != "answers"} for r in trows], out / "demo_team",
-                         "slimswarm demo (team part)")
-    print(f"      report: {', '.join(str(p) for p in paths.values())}")
+    run_demo(args.model, args.recipe or DEFAULT_RECIPE, args.out, args.dtype, args.max_tokens, args.team, args.team_items,
+             args.no_team, log=lambda m: print(m, flush=True))
     return 0
 
 
@@ -212,7 +138,7 @@ def cmd_compress(args) -> int:
     import torch
 
     from .compress.calibrate import calibration_batch, read_calibration
-    from .compress.quant.apply import is_quantized, layer_plan
+    from .compress.quant.apply import check_quantize_plan, is_quantized
     from .compress.recipe import apply_recipe, load_recipe
     from .evaluate.size import disk_bytes, weight_bytes
     from .models.checkpoint import file_sha256, save_checkpoint
@@ -230,9 +156,7 @@ def cmd_compress(args) -> int:
         raise SlimswarmError(f"{args.model}: already quantized; compress its float parent instead")
     # Check every layer's grouping and pruning widths now, so an impossible setting fails before calibration.
     if recipe.quantize is not None and recipe.prune is None and recipe.lowrank is None:
-        for name, mod in loaded.model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                layer_plan(name, mod, recipe.quantize)
+        check_quantize_plan(loaded.model, recipe.quantize)
     if recipe.prune is not None:
         from .compress.prune.apply import check_plan
 
@@ -305,11 +229,11 @@ def cmd_finetune(args) -> int:
     try:
         cfg = FinetuneConfig(lora=LoRAConfig(r=args.r, alpha=args.alpha if args.alpha else 2.0 * args.r),
                              steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_len=args.max_len,
-                             seed=args.seed, log_every=max(1, args.steps // 20))
+                             seed=args.seed, log_every=max(1, args.steps // 20), save_every=args.save_every)
     except Exception as e:  # pydantic: name the field
         raise SlimswarmError(f"finetune: {str(e).splitlines()[1:3]}") from None
     recipe = load_recipe(args.quantize) if args.quantize else None
-    if recipe is not None and (recipe.quantize is None or recipe.quantize.method != "rtn"):
+    if recipe is not None and (recipe.quantize is None or recipe.quantize.needs_calibration):
         raise SlimswarmError(f"--quantize {args.quantize}: use an RTN recipe for the base (w8, w4g128-rtn, w4g64-rtn) "
                              "or give a compressed checkpoint as MODEL")
     loaded = load(args.model, dtype=getattr(torch, args.dtype))
@@ -320,15 +244,17 @@ def cmd_finetune(args) -> int:
         quantize_model(loaded.model, recipe.quantize)
     print(f"finetune: {len(pairs)} examples from {source}, r={cfg.lora.r}, {cfg.steps} steps of {cfg.batch_size}"
           f"{' on a ' + recipe.name + ' base' if recipe else ''}", file=sys.stderr, flush=True)
-    res = finetune_lora(loaded.model, loaded.tokenizer, pairs, cfg)
+    state = out.parent / f".{out.name}.train_state.pt"
+    res = finetune_lora(loaded.model, loaded.tokenizer, pairs, cfg, state_path=state)
     meta = {"base": {"source": loaded.source, "sha256": file_sha256(loaded.source),
                      "quantize": recipe.model_dump() if recipe else None},
             "train": {"source": source, "examples": len(pairs), "config": cfg.model_dump(), "history": res.history,
                       "seconds": round(res.seconds, 1)}}
-    save_adapter(loaded.model, out, cfg.lora, meta)
     from .compress.distill import loss_plot
 
-    loss_plot(res.history, out / "loss.png", f"LoRA fine-tuning on {source}")
+    save_adapter(loaded.model, out, cfg.lora, {**meta, "resumed_from": res.resumed_from}, extra_files={
+        "loss.png": lambda p: loss_plot(res.history, p, f"LoRA fine-tuning on {source}")})
+    state.unlink(missing_ok=True)  # the adapter is complete: its training checkpoint has served
     row = {"out": str(out), "examples": len(pairs), "steps": cfg.steps, "trained_params": res.trained_params,
            "adapter_bytes": (out / "adapter.safetensors").stat().st_size, "first_loss": res.history[0]["loss"],
            "final_loss": res.history[-1]["loss"], "seconds": round(res.seconds, 1)}
@@ -365,7 +291,10 @@ def cmd_distill(args) -> int:
     except Exception as e:
         raise SlimswarmError(f"distill: {str(e).splitlines()[1:3]}") from None
     out = Path(args.out)
-    if out.exists() and not (out / "train_state.pt").exists() and any(out.iterdir()):
+    # a run killed before its first checkpoint leaves only its log (and temporary names): that folder is reusable
+    foreign = [p for p in out.iterdir() if p.name not in ("loss.jsonl", "loss.png") and not p.name.startswith(".")] \
+        if out.is_dir() else []
+    if out.exists() and not (out / "train_state.pt").exists() and (foreign or not out.is_dir()):
         raise SlimswarmError(f"--out {out}: exists, is not empty and holds no train_state.pt to resume")
     if args.no_resume and (out / "train_state.pt").exists():
         raise SlimswarmError(f"--out {out}: holds a run (train_state.pt) and --no-resume was given: choose another folder")
@@ -480,6 +409,14 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .deploy.export import export
+
+    res = export(args.checkpoint, args.to, args.out, args.gguf_type, args.adapter, args.overwrite)
+    print(res.pop("summary", None) or json.dumps(res))
+    return 0
+
+
 def cmd_serve(args) -> int:
     """One model and its LoRA adapters behind an OpenAI-compatible endpoint, until interrupted."""
     from .engine.engine import Engine
@@ -499,6 +436,14 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1 or args.max_waiting < 1 or args.max_len < 16:
         raise SlimswarmError("--max-batch and --max-waiting must be >= 1, --max-len >= 16")
     api_key = args.api_key or os.environ.get("SLIMSWARM_API_KEY") or None
+    from .engine.server import exposure_warning
+
+    if (warning := exposure_warning(args.host, api_key)) is not None:
+        print(f"slimswarm: warning: {warning}", file=sys.stderr)
+    if args.ray is not None:  # the same API in front of engine replicas on a Ray cluster (the deploy layer)
+        from .deploy.ray_serve import cmd_serve_ray
+
+        return cmd_serve_ray(args, name, adapters, api_key)
     loaded = _load(args)
     bank = None
     if adapters:
@@ -506,7 +451,7 @@ def cmd_serve(args) -> int:
 
         bank = AdapterBank(loaded.model, adapters)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    max_waiting=args.max_waiting, adapters=bank)
+                    max_waiting=args.max_waiting, adapters=bank, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     models = ", ".join([name, *adapters])
     print(f"slimswarm: serving {models} on http://{args.host}:{args.port}/v1 (context {engine.max_len}, batch "
           f"{engine.max_batch}, {'API key required' if api_key else 'no API key'})", file=sys.stderr)
@@ -581,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--examples", type=int, default=None, help="use at most this many training examples")
     ft.add_argument("--eval", type=int, default=0, metavar="N", help="then report accuracy on N test items (--task)")
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--save-every", type=int, default=50, help="training checkpoint every N steps (beside --out as "
+                    ".OUT.train_state.pt; a killed run given the same command resumes from it exactly)")
     ft.add_argument("--json", action="store_true")
     ft.set_defaults(fn=cmd_finetune)
 
@@ -621,10 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on the embedded default model")
     model_args(d, default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=8192)
-    d.add_argument("--recipe", default="w4g128-gptq")
+    d.add_argument("--recipe", help="compression recipe (default: slimswarm.demo.DEFAULT_RECIPE, the measured best)")
     d.add_argument("--out", default="out")
-    d.add_argument("--team", default=str(Path(__file__).resolve().parents[2] / "examples/teams/customer_service_lora.yaml"),
-                   help="team YAML for the team part (its adapters are trained into OUT/adapters when missing)")
+    d.add_argument("--team", default=None, help="team YAML for the team part (default: examples/teams/"
+                   "customer_service_lora.yaml; its adapters are trained into OUT/adapters when missing)")
     d.add_argument("--team-items", type=int, default=12, help="held-out SST-2 + AG News items for the team part")
     d.add_argument("--no-team", action="store_true", help="skip the team part")
     d.set_defaults(fn=cmd_demo)
@@ -638,12 +585,33 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     sv.add_argument("--max-len", type=int, default=2048, help="context length per sequence (KV cache slots)")
     sv.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
+    sv.add_argument("--prefix-cache-mb", type=float, default=256, help="byte budget of the shared-prefix KV cache")
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $SLIMSWARM_API_KEY, else none)")
+    sv.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                    help="serve from engine replicas on a Ray cluster (auto: this machine's, or a new local one)")
+    sv.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas to start")
+    sv.add_argument("--resources", nargs="+", metavar="NAME=AMOUNT", help="with --ray: Ray resources per replica")
+    sv.add_argument("--num-cpus", type=float, default=1.0, help="with --ray: CPUs Ray reserves per replica")
     sv.set_defaults(fn=cmd_serve)
 
-    from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
+    ex = sub.add_parser("export", help="export a checkpoint to GGUF (llama.cpp) or ONNX (ONNX Runtime), or an adapter to a llama.cpp LoRA GGUF")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--to", required=True, choices=("gguf", "onnx"))
+    ex.add_argument("--out", required=True, help="FILE.gguf, or a folder for onnx")
+    ex.add_argument("--gguf-type", help="GGML type for tensors our codes do not map to exactly (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0)")
+    ex.add_argument("--adapter", metavar="DIR", help="write this LoRA adapter (trained on CHECKPOINT) as a llama.cpp LoRA GGUF to --out")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(fn=cmd_export)
 
-    add_team_parser(sub)
+    from .agents.command import add_team_parser  # `team run|replay`: the agents layer owns its arguments
+    from .deploy.ray_cli import add_cluster_parser, team_ray_backend  # Ray: the deploy layer, injected
+
+    add_team_parser(sub, ray_backend=team_ray_backend)
+    add_cluster_parser(sub)
+
+    from .deploy.command import add_deploy_parsers  # `devices probe`, `plan`: the deploy layer owns its arguments
+
+    add_deploy_parsers(sub)
     return p
 
 

@@ -52,6 +52,38 @@ class Tool:
     def describe(self) -> str:
         return f"{self.name}{self.signature}: {self.description}"
 
+    def parameters(self) -> dict:
+        """The arguments' JSON schema, from the type hints (``Annotated[..., Field(...)]`` bounds included)."""
+        import typing
+
+        from pydantic import create_model
+
+        hints = typing.get_type_hints(self.fn, include_extras=True)  # resolves string (postponed) annotations
+        fields = {}
+        for p in inspect.signature(self.fn).parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise SlimswarmError(f"tool {self.name}: *args/**kwargs have no schema")
+            ann = hints.get(p.name, Any)
+            fields[p.name] = (ann, ... if p.default is inspect.Parameter.empty else p.default)
+        schema = create_model(f"{self.name}_args", **fields).model_json_schema()
+        return _untitled(schema)
+
+    def spec(self) -> dict:
+        """The OpenAI ``tools`` entry for this tool."""
+        fn = {"name": self.name, "parameters": self.parameters()}
+        if self.description:
+            fn["description"] = self.description
+        return {"type": "function", "function": fn}
+
+
+def _untitled(schema):
+    """A pydantic schema without its "title" keys: they cost prompt tokens and say nothing the names do not."""
+    if isinstance(schema, dict):
+        return {k: _untitled(v) for k, v in schema.items() if k != "title" or not isinstance(v, str)}
+    if isinstance(schema, list):
+        return [_untitled(v) for v in schema]
+    return schema
+
 
 _TOOL_CALL = re.compile(r"\{.*\}", re.S)
 
@@ -81,6 +113,9 @@ class Agent:
     capabilities: list[str] = field(default_factory=list)
     cost: float = 1.0  # relative cost of 1k tokens on this agent's model (the router trades it against accuracy)
     max_tool_calls: int = 3
+    # how tool calls are decoded where the backend constrains them: "auto" (the model chooses text or a call),
+    # "required" (a call every turn until max_tool_calls, then the answer), "none"
+    tool_choice: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[\w.-]+", self.name):
@@ -89,6 +124,8 @@ class Agent:
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
             raise SlimswarmError(f"agent {self.name}: duplicate tool names {names}")
+        if self.tool_choice not in ("auto", "required", "none"):
+            raise SlimswarmError(f"agent {self.name}: tool_choice {self.tool_choice!r} is not auto, required or none")
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)

@@ -34,17 +34,43 @@ def find_label(text: str, labels: list[str]) -> str | None:
     return None if best is None else best[1]
 
 
+def normalize_label(label: str) -> str:
+    return label.strip().lower()
+
+
 def is_number(s) -> bool:
     return s is not None and bool(re.fullmatch(r"-?[\d,]*\d(?:\.\d+)?", str(s).strip()))
 
 
+def dataset_label_names() -> dict[str, str]:
+    """Data sets' own label names (lower case) → the answer labels agents give: AG News's "Sci/Tech" is "tech"."""
+    from ..tasks import AGNEWS_NAMES
+
+    return {k.lower(): v for k, v in AGNEWS_NAMES.items()}
+
+
 class Extractor:
     """Turns a reply into an answer: the final number when the expected answer is one (or ``number`` is set),
-    else a label from ``labels``, else the stripped text."""
+    else a label from ``labels``, else the stripped text.
 
-    def __init__(self, labels: list[str] | None = None, number: bool = False):
+    A data set's own label names count as the answer label they mean, in replies and in ``expected``
+    (``dataset_label_names``: a task whose ``expected`` is AG News's "Sci/Tech" is answered by "tech")."""
+
+    def __init__(self, labels: list[str] | None = None, number: bool = False, aliases: dict[str, str] | None = None):
         self.labels = list(labels or [])
         self.number = number
+        known = {normalize_label(lab) for lab in self.labels}
+        names = dataset_label_names() if aliases is None else {k.lower(): v for k, v in aliases.items()}
+        # only names that point at one of our labels and are not themselves a label
+        self.aliases = {k: v for k, v in names.items() if normalize_label(v) in known and k not in known}
+
+    def canonical(self, label: str) -> str:
+        """``label``, or the answer label it names (a data set's own label name)."""
+        low = normalize_label(label)
+        target = self.aliases.get(low)
+        if target is None:
+            return label
+        return next(lab for lab in self.labels if normalize_label(lab) == normalize_label(target))
 
     def __call__(self, text: str | None, expected=None) -> str | None:
         if text is None:
@@ -52,7 +78,8 @@ class Extractor:
         if self.number or (expected is not None and is_number(expected)):
             return final_number(text)
         if self.labels:
-            lab = find_label(text, self.labels)
+            lab = find_label(text, self.labels + list(self.aliases))
+            lab = None if lab is None else self.canonical(lab)
             # while voting the expected answer is unknown: a mixed task set may hold math questions too
             return lab if lab is not None or expected is not None else final_number(text)
         return text.strip()
@@ -65,4 +92,4 @@ class Extractor:
             return False
         if is_number(expected):
             return got == final_number(str(expected))
-        return normalize(got) == normalize(str(expected))
+        return normalize(got) == normalize(self.canonical(str(expected)) if self.labels else str(expected))

@@ -33,18 +33,25 @@ class Completion:
     ttft_s: float | None = None
     logprobs: list[float] | None = None  # one log-probability per generated token, when asked for
     finish_reason: str | None = None
+    route: dict | None = None  # where a distributed backend served it: replica, node, retries before it
+    # structured tool calls, OpenAI's shape: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_calls: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 class Backend:
-    """``generate(messages, params, *, agent=None) -> Completion``; must be safe to call from many threads."""
+    """``generate(messages, params, *, agent=None) -> Completion``; must be safe to call from many threads.
+
+    Backends with ``structured = True`` also take ``structured={"tools", "tool_choice", "response_format"}``
+    (OpenAI's fields) and decode under the grammar they imply; the others ignore it (text protocol)."""
 
     name = "backend"
+    structured = False
 
     def generate(self, messages: list[Message], params: SamplingParams, *, agent=None, task_id: str | None = None,
-                 logprobs: bool = False) -> Completion:
+                 logprobs: bool = False, structured: dict | None = None) -> Completion:
         raise NotImplementedError
 
     def model_label(self, agent) -> str:
@@ -81,10 +88,25 @@ class EngineBackend(Backend):
             raise SlimswarmError(f"agent {agent.name}: model {key!r} is not loaded (have: {', '.join(self.engines)})")
         return self.engines[key]
 
-    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False) -> Completion:
+    structured = True
+
+    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False, structured=None) -> Completion:
+        from ..engine.chat_plan import plan_chat
+        from ..engine.grammar import GrammarError
+        from ..engine.tools import ToolCallParser, openai_tool_calls
+
         eng = self.engine_for(agent)
         viewer = agent.name if agent is not None else None
-        ids = eng.tokenizer.encode(eng.tokenizer.chat(as_chat(messages, viewer)))
+        chat, grammar, tools = as_chat(messages, viewer), None, None
+        if structured:
+            try:
+                plan = plan_chat(chat, structured.get("tools"), structured.get("tool_choice"),
+                                 structured.get("parallel_tool_calls") is not False,
+                                 structured.get("response_format"), eng.grammars.compile)
+            except GrammarError as e:
+                raise BackendError(f"engine: {e}") from None
+            chat, grammar, tools = plan.messages, plan.grammar, plan.tools
+        ids = eng.tokenizer.encode(eng.tokenizer.chat(chat))
         room = eng.max_len - len(ids)
         if room < 1:
             raise BackendError(f"prompt of {len(ids)} tokens does not fit the engine context of {eng.max_len}")
@@ -92,15 +114,20 @@ class EngineBackend(Backend):
             params = SamplingParams(**{**params.__dict__, "max_tokens": room})
         adapter = agent.model.adapter if agent is not None else None
         try:
-            req = eng.submit(ids, params, adapter=adapter, timeout_s=self.timeout_s, logprobs=logprobs)
+            req = eng.submit(ids, params, adapter=adapter, timeout_s=self.timeout_s, logprobs=logprobs,
+                             grammar=grammar)
             # the engine enforces timeout_s itself; the extra wait bound catches an engine thread that died
             req.wait(None if self.timeout_s is None else self.timeout_s + 30)
         except (SlimswarmError, TimeoutError) as e:
             raise BackendError(f"engine: {e}") from None
         if req.finish_reason in ("timeout", "cancelled"):
             raise BackendError(f"engine: request {req.finish_reason} after {req.latency_s:.1f}s")
+        calls = None
+        if tools is not None:
+            _, parsed = ToolCallParser().finish(req.text)
+            calls = openai_tool_calls(parsed) if parsed and req.grammar_complete else None
         return Completion(req.text, len(ids), len(req.tokens), req.cached_tokens, req.latency_s or 0.0, req.ttft_s,
-                          list(req.token_logprobs) if logprobs else None, req.finish_reason)
+                          list(req.token_logprobs) if logprobs else None, req.finish_reason, calls)
 
     def model_label(self, agent) -> str:
         from pathlib import Path
@@ -152,7 +179,9 @@ class HTTPBackend(Backend):
     def model_label(self, agent) -> str:
         return f"{self.base_url}:{self.model_name(agent)}"
 
-    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False) -> Completion:
+    structured = True
+
+    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False, structured=None) -> Completion:
         import httpx
 
         viewer = agent.name if agent is not None else None
@@ -165,6 +194,9 @@ class HTTPBackend(Backend):
             body["stop"] = params.stop
         if logprobs:
             body["logprobs"] = True
+        for k, v in (structured or {}).items():
+            if v is not None:
+                body[k] = v
         t0 = time.perf_counter()
         try:
             r = self.client.post(f"{self.base_url}/v1/chat/completions", json=body)
@@ -179,6 +211,7 @@ class HTTPBackend(Backend):
             data = r.json()
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
+            calls = choice["message"].get("tool_calls") or None
         except (ValueError, KeyError, IndexError, TypeError):
             raise BackendError(f"{self.base_url}: not an OpenAI chat completion: {r.text[:200]}") from None
         usage = data.get("usage") or {}
@@ -187,7 +220,7 @@ class HTTPBackend(Backend):
             lps = [float(t["logprob"]) for t in choice["logprobs"].get("content") or []]
         cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
         return Completion(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                          int(cached), latency, None, lps, choice.get("finish_reason"))
+                          int(cached), latency, None, lps, choice.get("finish_reason"), calls)
 
     def close(self) -> None:
         self.client.close()
@@ -208,7 +241,13 @@ class RoutedBackend(Backend):
         return self.default
 
     def generate(self, messages, params, **kw) -> Completion:
-        return self.pick(kw.get("agent")).generate(messages, params, **kw)
+        b = self.pick(kw.get("agent"))
+        if not b.structured:
+            kw.pop("structured", None)
+        return b.generate(messages, params, **kw)
+
+    def structured_for(self, agent) -> bool:
+        return self.pick(agent).structured
 
     def model_label(self, agent) -> str:
         return self.pick(agent).model_label(agent)
@@ -280,7 +319,7 @@ class ScriptedBackend(Backend):
             raise BackendError(f"scripted: no rule for agent {agent} on {text[:60]!r}")
         return self.default
 
-    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False) -> Completion:
+    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False, structured=None) -> Completion:
         name = agent.name if agent is not None else "*"
         t0 = time.perf_counter()
         with self._lock:
@@ -321,12 +360,18 @@ class ReplayBackend(Backend):
                 self.queues[(r.get("task"), r["agent"])].append(r)
                 self.labels.setdefault(r["agent"], r.get("model", "replay"))
         self.used: dict[tuple[str | None, str], set[int]] = defaultdict(set)
+        self.structured_agents = {r["agent"] for r in records if r.get("type", "call") == "call" and r.get("structured")}
         self._lock = threading.Lock()
 
     def model_label(self, agent) -> str:
         return self.labels.get(agent.name, "replay") if agent is not None else "replay"
 
-    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False) -> Completion:
+    def structured_for(self, agent) -> bool:
+        """Whether the recorded run decoded this agent's calls under grammars: the replay takes the same path."""
+        name = agent.name if agent is not None else "*"
+        return name in self.structured_agents
+
+    def generate(self, messages, params, *, agent=None, task_id=None, logprobs=False, structured=None) -> Completion:
         name = agent.name if agent is not None else "*"
         key = (task_id, name)
         want = [m.to_dict() for m in messages]
@@ -346,7 +391,7 @@ class ReplayBackend(Backend):
             raise BackendError(r["error"])
         return Completion(r["reply"], r.get("prompt_tokens", 0), r.get("completion_tokens", 0),
                           r.get("cached_tokens", 0), r.get("latency_s", 0.0), r.get("ttft_s"), r.get("logprobs"),
-                          r.get("finish_reason"))
+                          r.get("finish_reason"), r.get("tool_calls"))
 
     def unused(self) -> int:
         return sum(len(q) - len(self.used[k]) for k, q in self.queues.items())

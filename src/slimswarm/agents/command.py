@@ -46,7 +46,11 @@ def cmd_team_run(args) -> int:
         raise SlimswarmError(f"--parallel must be >= 1, got {args.parallel}")
     tasks = read_tasks(args.tasks, args.max_tasks)
     team = build_team(cfg)
-    backend = backend_from_config(cfg, kind, url, args.timeout)
+    if getattr(args, "ray", None) is not None:  # the Ray backend comes from deploy/, injected by add_team_parser
+        kind = "ray"
+        backend = args.ray_backend(cfg, args.ray, args.timeout, team.agents())
+    else:
+        backend = backend_from_config(cfg, kind, url, args.timeout)
     tracer = Tracer(args.trace)
     budget = args.budget or cfg.budget_tokens
 
@@ -70,6 +74,8 @@ def cmd_team_run(args) -> int:
             report.extra["weight_bytes"] = sum(weight_bytes(e.model) for e in eng.values())
             report.extra["mean_decode_batch"] = round(sum(s["decode_rows"] for s in st.values()) /
                                                       max(1, sum(s["steps"] for s in st.values())), 2)
+        elif hasattr(backend, "report_extra"):  # e.g. the Ray backend: calls per replica, retries
+            report.extra.update(backend.report_extra())
     finally:
         tracer.close()
         backend.close()
@@ -95,8 +101,9 @@ def cmd_team_replay(args) -> int:
     return 0
 
 
-def add_team_parser(sub) -> None:
-    """Registers ``slimswarm team run|replay`` on the main parser's subcommands."""
+def add_team_parser(sub, ray_backend=None) -> None:
+    """Registers ``slimswarm team run|replay`` on the main parser's subcommands. ``ray_backend(cfg, address,
+    timeout_s, agents) -> Backend`` (from the deploy layer, which this layer must not import) enables ``--ray``."""
     t = sub.add_parser("team", help="run a team of agents on tasks, or replay a recorded run")
     tsub = t.add_subparsers(dest="team_cmd", required=True)
     r = tsub.add_parser("run", help="run TEAM.yaml on JSONL tasks {id, input, expected}")
@@ -111,7 +118,11 @@ def add_team_parser(sub) -> None:
     r.add_argument("--budget", type=int, help="token budget per task (overrides the YAML's budget_tokens)")
     r.add_argument("--timeout", type=float, default=120.0, help="seconds per backend call")
     r.add_argument("--json", action="store_true")
-    r.set_defaults(fn=cmd_team_run)
+    if ray_backend is not None:
+        r.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                       help="run the agents on engine replicas on a Ray cluster (the YAML's deploy: section): auto "
+                            "joins the one on this machine or starts a local one, or HOST:PORT of a Ray head")
+    r.set_defaults(fn=cmd_team_run, ray_backend=ray_backend)
     p = tsub.add_parser("replay", help="re-run a trace with no model and check the outputs equal the recorded ones")
     p.add_argument("trace")
     p.add_argument("--json", action="store_true")

@@ -53,6 +53,8 @@ class AgentSpec(_Strict):
     params: ParamsSpec = ParamsSpec()
     capabilities: list[str] = []
     tools: list[str] = []
+    tool_choice: Literal["auto", "required", "none"] = "auto"  # on structured backends (engine, HTTP)
+    max_tool_calls: int = Field(3, ge=0)
     cost: float = Field(1.0, ge=0)
 
 
@@ -93,6 +95,21 @@ class ScriptRule(_Strict):
     regex: str | None = None
 
 
+class ReplicaSetSpec(_Strict):
+    """How one model of the team is deployed on a Ray cluster (read by deploy/ray_runtime.py)."""
+    replicas: int = Field(1, ge=0)  # 0: not deployed (agents on this model are then an error under --ray)
+    resources: dict[str, float] = {}  # Ray custom resources each replica needs: these name the devices
+    num_cpus: float = Field(1, ge=0)  # CPUs Ray reserves for each replica
+    threads: int | None = Field(None, ge=1)  # torch threads inside a replica (default: num_cpus, at least 1)
+    max_waiting: int = Field(64, ge=1)  # the replica engine's bounded queue: back-pressure beyond it
+
+
+class DeploySpec(_Strict):
+    """``deploy:`` in a team file: replicas per model (a key of ``models``), their resources, restarts."""
+    models: dict[str, ReplicaSetSpec] = {}
+    max_restarts: int = Field(3, ge=-1)  # Ray restarts of a dead replica (-1: forever)
+
+
 class TeamConfig(_Strict):
     name: str = "team"
     model: ModelSpec | None = None  # shorthand for models: {default: ...}
@@ -104,6 +121,7 @@ class TeamConfig(_Strict):
     teams: list[TeamSpec] = Field(min_length=1)
     main: str | None = None  # the team that runs a task (default: the last one)
     script: list[ScriptRule] = []  # replies for --backend scripted
+    deploy: DeploySpec = DeploySpec()  # used by `team run --ray` / `serve --ray`
 
     @model_validator(mode="after")
     def _one_model_form(self) -> "TeamConfig":
@@ -161,6 +179,9 @@ def _check_refs(cfg: TeamConfig) -> None:
                     raise SlimswarmError(f"{where}.router: unknown member {m!r} (members: {', '.join(t.members)})")
             if r.type == "prompt" and r.agent not in agents:
                 raise SlimswarmError(f"{where}.router.agent: unknown agent {r.agent!r}")
+    for k in cfg.deploy.models:
+        if k not in cfg.models:
+            raise SlimswarmError(f"deploy.models.{k}: unknown model {k!r} (declared: {', '.join(cfg.models) or 'none'})")
     if cfg.main is not None and cfg.main not in teams:
         raise SlimswarmError(f"main: unknown team {cfg.main!r}")
     # cycles: depth-first over team -> member-team edges, reporting the path that closes the loop
@@ -219,7 +240,7 @@ def build_agent(spec: AgentSpec, cfg: TeamConfig) -> Agent:
     params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                             seed=p.seed, stop=list(p.stop))
     return Agent(spec.name, spec.role, spec.system, ref, params, [resolve_tool(t) for t in spec.tools],
-                 list(spec.capabilities), spec.cost)
+                 list(spec.capabilities), spec.cost, spec.max_tool_calls, spec.tool_choice)
 
 
 def _router(spec: RouterSpec, members: list[str], agents: dict[str, Agent]):

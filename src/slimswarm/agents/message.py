@@ -38,11 +38,16 @@ def as_chat(messages: list[Message], viewer: str | None = None) -> list[dict[str
     """Messages as chat-template dicts seen by agent ``viewer``.
 
     Chat templates know only system/user/assistant, so another agent's turn and a tool result become user turns
-    prefixed with their sender; only the viewer's own turns stay ``assistant``.
+    prefixed with their sender; only the viewer's own turns stay ``assistant``. The viewer's structured tool calls
+    and their results stay OpenAI messages (``tool_calls``, role ``tool``): structured backends render them.
     """
     out = []
     for m in messages:
-        if m.role == "assistant" and m.name not in (None, viewer):
+        if m.role == "assistant" and m.name == viewer and m.metadata.get("tool_calls"):
+            out.append({"role": "assistant", "content": m.content or None, "tool_calls": m.metadata["tool_calls"]})
+        elif m.role == "tool" and m.metadata.get("tool_call_id"):  # an answer to a structured call of the viewer's
+            out.append({"role": "tool", "tool_call_id": m.metadata["tool_call_id"], "content": m.content})
+        elif m.role == "assistant" and m.name not in (None, viewer):
             out.append({"role": "user", "content": f"{m.name}: {m.content}"})
         elif m.role == "tool":
             out.append({"role": "user", "content": f"tool {m.name or ''} result: {m.content}"})

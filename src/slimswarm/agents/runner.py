@@ -217,7 +217,7 @@ def load_engine(spec):
         recipe = load_recipe(spec.compress)
         if recipe.quantize is None:
             raise SlimswarmError(f"model {spec.base}: recipe {spec.compress} has no quantize section")
-        if recipe.quantize.method != "rtn":
+        if recipe.quantize.needs_calibration:
             from ..compress.calibrate import calibration_batch
 
             c = recipe.calibration

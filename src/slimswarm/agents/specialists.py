@@ -73,7 +73,7 @@ def load_base(base: str, quantize: str | None):
     loaded = load(base)
     if quantize:
         recipe = load_recipe(quantize)
-        if recipe.quantize is None or recipe.quantize.method != "rtn":
+        if recipe.quantize is None or recipe.quantize.needs_calibration:
             raise SlimswarmError(f"specialist base recipe {quantize}: use an RTN recipe (w4g128-rtn, w8, ...)")
         quantize_model(loaded.model, recipe.quantize)
     return loaded

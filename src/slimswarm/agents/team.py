@@ -9,6 +9,7 @@ from ..errors import SlimswarmError
 from .agent import Agent
 from .answers import Extractor
 from .runtime import TaskContext
+from .topologies import TOPOLOGIES, invoke  # noqa: F401  (invoke is re-exported: a member's output)
 
 
 @dataclass(eq=False)
@@ -25,8 +26,6 @@ class Team:
     capabilities: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from .topologies import TOPOLOGIES
-
         if self.topology not in TOPOLOGIES:
             raise SlimswarmError(f"team {self.name}: unknown topology {self.topology!r} (one of {', '.join(TOPOLOGIES)})")
         if self.vote not in ("majority", "weighted", "debate"):
@@ -89,13 +88,5 @@ class Team:
         return any(t.vote == "weighted" for t in self.teams())
 
     def run(self, text: str, ctx: TaskContext) -> str:
-        from .topologies import TOPOLOGIES
-
         return TOPOLOGIES[self.topology](self, text, ctx)
 
-
-def invoke(member, text: str, ctx: TaskContext) -> str:
-    """A member's output for ``text``: an agent answers, a team runs its topology."""
-    if isinstance(member, Team):
-        return member.run(text, ctx)
-    return ctx.ask(member, text).content

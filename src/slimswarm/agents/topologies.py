@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 import re
 
+from typing import TYPE_CHECKING
+
+from .agent import Agent
 from .runtime import TaskContext, parallel_map
-from .team import Team, invoke
 from .voting import debate, majority_vote, normalize, weighted_vote
 
+if TYPE_CHECKING:  # team.py imports this module; the names below are only annotations here
+    from .team import Team
 
-def pipeline(team: Team, text: str, ctx: TaskContext) -> str:
+
+def invoke(member, text: str, ctx: TaskContext) -> str:
+    """A member's output for ``text``: an agent answers, a team runs its topology."""
+    if isinstance(member, Agent):
+        return ctx.ask(member, text).content
+    return member.run(text, ctx)
+
+
+def pipeline(team: "Team", text: str, ctx: TaskContext) -> str:
     """Each member transforms the previous member's output; the first gets the task."""
     out = text
     for m in team.members:
@@ -21,9 +33,30 @@ def pipeline(team: Team, text: str, ctx: TaskContext) -> str:
 _NUMBERED = re.compile(r"^\s*(?:\d+[.):]|[-*•])\s+(.+?)\s*$")
 
 
+def plan_format(team: "Team") -> dict:
+    """The planner's reply as a JSON schema (response_format): 2..8 subtasks, each naming one of the members'
+    capabilities (or names) — what makes a structured planner's plan fan out instead of parsing to one item."""
+    caps = list(dict.fromkeys(c for m in team.members for c in (getattr(m, "capabilities", None) or [m.name])))
+    n = len(team.members)
+    item = {"type": "object", "properties": {"capability": {"enum": caps},
+                                             "task": {"type": "string", "minLength": 3, "maxLength": 100}},
+            "required": ["capability", "task"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"subtasks": {"type": "array", "items": item, "minItems": min(2, n),
+                                                            "maxItems": min(8, max(2, 2 * n))}},
+              "required": ["subtasks"], "additionalProperties": False}
+    return {"type": "json_schema", "json_schema": {"name": "plan", "schema": schema, "strict": True}}
+
+
 def parse_subtasks(reply: str) -> list[dict]:
-    """Subtasks from a planner's reply: a JSON list (of strings or {"task", "capability"} objects) or a numbered
-    / bulleted list. Each subtask is {"task": str, "capability": str | None}."""
+    """Subtasks from a planner's reply: {"subtasks": [...]} (a structured plan), a JSON list (of strings or
+    {"task", "capability"} objects) or a numbered / bulleted list. Each is {"task": str, "capability": str | None}."""
+    try:
+        obj = json.loads(reply)
+        if isinstance(obj, dict) and isinstance(obj.get("subtasks"), list):
+            return [{"task": str(s["task"]).strip(), "capability": s.get("capability")} for s in obj["subtasks"]
+                    if isinstance(s, dict) and str(s.get("task", "")).strip()]
+    except json.JSONDecodeError:
+        pass
     m = re.search(r"\[.*\]", reply, re.S)
     if m:
         try:
@@ -50,7 +83,7 @@ def parse_subtasks(reply: str) -> list[dict]:
     return out
 
 
-def assign(team: Team, subtask: dict, i: int):
+def assign(team: "Team", subtask: dict, i: int):
     """The member for a subtask: one whose capabilities include the named capability, else one whose capability
     word occurs in the subtask's text, else round robin over the members."""
     workers = team.members
@@ -66,12 +99,16 @@ def assign(team: Team, subtask: dict, i: int):
     return workers[i % len(workers)]
 
 
-def orchestrator(team: Team, text: str, ctx: TaskContext) -> str:
+def orchestrator(team: "Team", text: str, ctx: TaskContext) -> str:
     """The planner splits the task into subtasks, each goes to a member by capability (all concurrently), and the
     aggregator combines their results. A plan that parses to nothing becomes one subtask: the task itself."""
     caps = ", ".join(f"{m.name} ({', '.join(m.capabilities) or 'general'})" for m in team.members)
-    plan = ctx.ask(team.planner, f"Split this task into subtasks, as a numbered list; start a subtask with "
-                                 f"[capability] to choose who does it. Workers: {caps}.\n\nTask: {text}").content
+    if ctx.structured(team.planner):  # the plan is decoded under its schema: JSON, one item per subtask
+        plan = ctx.ask(team.planner, f"Split this task into subtasks, one for each worker who should do part of "
+                                     f"it. Workers: {caps}.\n\nTask: {text}", response_format=plan_format(team)).content
+    else:
+        plan = ctx.ask(team.planner, f"Split this task into subtasks, as a numbered list; start a subtask with "
+                                     f"[capability] to choose who does it. Workers: {caps}.\n\nTask: {text}").content
     subtasks = parse_subtasks(plan) or [{"task": text, "capability": None}]
     ctx.notes.setdefault("plans", []).append({"team": team.name, "subtasks": subtasks})
     jobs = [(s, assign(team, s, i)) for i, s in enumerate(subtasks)]
@@ -96,7 +133,7 @@ def _pick(replies: list[str], winner: str | None, extract) -> str:
     return replies[0] if replies else ""
 
 
-def peer(team: Team, text: str, ctx: TaskContext) -> str:
+def peer(team: "Team", text: str, ctx: TaskContext) -> str:
     """Members post to a shared board for up to ``rounds`` rounds, each seeing the others' last posts; stops once
     their extracted answers agree. The answer is the last round's majority."""
     ex = team.extract
@@ -106,7 +143,20 @@ def peer(team: Team, text: str, ctx: TaskContext) -> str:
     return _pick(history[-1], result.answer, ex)
 
 
-def vote(team: Team, text: str, ctx: TaskContext) -> str:
+def answer_format(ex) -> dict | None:
+    """A voter's ballot as a JSON schema: one of the team's labels (a JSON string), or an integer for numeric
+    answers. A bare value, not an object: a ballot must fit the few tokens a voter is given (``"positive"`` is
+    three SmolLM2 tokens)."""
+    if getattr(ex, "labels", None):
+        schema = {"enum": list(ex.labels)}
+    elif getattr(ex, "number", False):
+        schema = {"type": "integer", "minimum": -10**9, "maximum": 10**9}
+    else:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "ballot", "schema": schema, "strict": True}}
+
+
+def vote(team: "Team", text: str, ctx: TaskContext) -> str:
     """Members answer independently and vote (majority, confidence-weighted, or debate rounds); an aggregator,
     when set, sees the ballots and writes the final answer."""
     ex = team.extract
@@ -114,11 +164,21 @@ def vote(team: Team, text: str, ctx: TaskContext) -> str:
         return peer(team, text, ctx)
     replies = []
 
+    fmt = answer_format(ex)
+
     def one(m):
-        if isinstance(m, Team):
+        if not isinstance(m, Agent):  # a sub-team
             return m.run(text, ctx), None
-        msg = ctx.ask(m, text)
-        return msg.content, getattr(msg.metadata.get("completion"), "logprobs", None)
+        if fmt is not None and ctx.structured(m):  # the ballot is decoded under its schema: no parsing to miss
+            msg = ctx.ask(m, text, response_format=fmt)
+            try:
+                content = str(json.loads(msg.content))
+            except json.JSONDecodeError:
+                content = msg.content  # cut by max_tokens: left to the extractor
+        else:
+            msg = ctx.ask(m, text)
+            content = msg.content
+        return content, getattr(msg.metadata.get("completion"), "logprobs", None)
 
     outs = parallel_map(one, team.members)
     replies = [o for o, _ in outs]
@@ -132,7 +192,7 @@ def vote(team: Team, text: str, ctx: TaskContext) -> str:
     return _pick(replies, result.answer, ex)
 
 
-def hierarchy(team: Team, text: str, ctx: TaskContext) -> str:
+def hierarchy(team: "Team", text: str, ctx: TaskContext) -> str:
     """A team of teams: every member (agent or sub-team) works on the task concurrently; the lead (aggregator)
     combines their outputs, or without one the members' majority answer wins."""
     outs = parallel_map(lambda m: invoke(m, text, ctx), team.members)
@@ -143,7 +203,7 @@ def hierarchy(team: Team, text: str, ctx: TaskContext) -> str:
                                     f"Give the final answer.").content
 
 
-def route(team: Team, text: str, ctx: TaskContext) -> str:
+def route(team: "Team", text: str, ctx: TaskContext) -> str:
     """The team's router picks one member for the task; the choice is noted so the runner can reward it."""
     arm = team.router.choose(text, ctx)
     member = team.member(arm)

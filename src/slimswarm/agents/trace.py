@@ -41,7 +41,7 @@ class Tracer:
                 self._fh.flush()
 
     def call(self, task_id, agent, model: str, messages: list[Message], comp, start: float, end: float,
-             error: str | None) -> None:
+             error: str | None, structured: dict | None = None) -> None:
         rec = {"type": "call", "task": task_id, "agent": agent.name, "model": model, "adapter": agent.model.adapter,
                "messages": [m.to_dict() for m in messages], "reply": None if comp is None else comp.text,
                "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "latency_s": end - start,
@@ -52,6 +52,12 @@ class Tracer:
                        finish_reason=comp.finish_reason)
             if comp.logprobs is not None:
                 rec["logprobs"] = comp.logprobs
+            if getattr(comp, "route", None):
+                rec["route"] = comp.route
+            if comp.tool_calls:
+                rec["tool_calls"] = comp.tool_calls
+        if structured:  # the tools / response_format the call was decoded under (replay takes the same path)
+            rec["structured"] = structured
         self.add(rec)
 
     def tool(self, task_id, agent: str, tool: str, arguments, result, error: str | None) -> None:

@@ -257,22 +257,15 @@ def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from ..atomic import write_file
+
+    write_file(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..atomic import write_file
+
+    write_file(path, lambda f: f.write(text.encode()))
 
 
 def loss_plot(history: list[dict], path: Path, title: str) -> Path:
@@ -285,20 +278,25 @@ def loss_plot(history: list[dict], path: Path, title: str) -> Path:
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in history], label="loss")
-    ax.plot(steps, [r["ce"] for r in history], label="cross-entropy", alpha=0.6)
-    if any(r["kl"] for r in history):
+    if all("ce" in r for r in history):  # distillation records; LoRA fine-tuning logs the loss (and its EMA)
+        ax.plot(steps, [r["ce"] for r in history], label="cross-entropy", alpha=0.6)
+    if all("loss_ema" in r for r in history):
+        ax.plot(steps, [r["loss_ema"] for r in history], label="loss (moving average)", alpha=0.6)
+    if any(r.get("kl") for r in history):
         ax.plot(steps, [r["kl"] for r in history], label="KL (teacher ‖ student, at T)", alpha=0.6)
-    if any(r["hidden"] for r in history):
+    if any(r.get("hidden") for r in history):
         ax.plot(steps, [r["hidden"] for r in history], label="hidden MSE", alpha=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("per-token loss")
     ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    from ..atomic import write_file
+
+    try:
+        write_file(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

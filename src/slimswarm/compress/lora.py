@@ -13,10 +13,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,29 +148,28 @@ def unwrap_lora(model: nn.Module) -> None:
 # -- storage ------------------------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, out: str | Path, cfg: LoRAConfig, meta: dict | None = None) -> Path:
-    """Write the adapter alone to ``out`` (a folder), atomically: a temporary folder renamed at the end."""
+def save_adapter(model: nn.Module, out: str | Path, cfg: LoRAConfig, meta: dict | None = None,
+                 extra_files: dict | None = None) -> Path:
+    """Write the adapter alone to ``out`` (a folder), atomically: a temporary folder renamed at the end.
+    ``extra_files`` {name: write(path)} adds files (a loss plot) to the folder before it is published."""
     from safetensors.torch import save_file
 
     sd = lora_state_dict(model)
     if not sd:
         raise SlimswarmError("save_adapter: the model has no LoRA modules (call add_lora first)")
+    from ..atomic import publish_dir, staging_dir
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         save_file(sd, str(tmp / ADAPTER_FILE))
         shapes = {k[: -len(".lora_A")]: [int(v.shape[1]), int(sd[k[:-1] + "B"].shape[0])]
                   for k, v in sd.items() if k.endswith(".lora_A")}
         doc = {"format": ADAPTER_FORMAT, "config": cfg.model_dump(), "modules": shapes, **(meta or {})}
         (tmp / ADAPTER_META).write_text(json.dumps(doc, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        for name, write in (extra_files or {}).items():  # e.g. the loss plot: inside the folder before it appears
+            write(tmp / name)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -460,6 +457,7 @@ class FinetuneConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     log_every: int = Field(10, ge=1)
+    save_every: int = Field(0, ge=0)  # with a state path: a training checkpoint every N steps (0: never)
 
 
 @dataclass
@@ -467,6 +465,39 @@ class FinetuneResult:
     history: list[dict]
     trained_params: int
     seconds: float
+    resumed_from: int = 0  # the step a killed run continued from (0: a fresh start)
+
+
+FINETUNE_STATE_FORMAT = "slimswarm-finetune-state/1"
+
+
+def _finetune_fingerprint(model, data, cfg: FinetuneConfig) -> str:
+    """What makes a run itself: base weights, tokenized data and every setting that changes the trajectory."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(cfg.model_dump(exclude={"save_every", "log_every"}), sort_keys=True).encode())
+    for ids, labels in data:
+        h.update(repr((ids, labels)).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if ".lora_" not in name:
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _load_finetune_state(path: Path, fingerprint: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise SlimswarmError(f"{path}: unreadable training checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(st, dict) or st.get("format") != FINETUNE_STATE_FORMAT:
+        raise SlimswarmError(f"{path}: not a slimswarm finetune checkpoint")
+    if st.get("fingerprint") != fingerprint:
+        raise SlimswarmError(f"{path}: checkpoint of a different run (base, data or settings changed); delete it "
+                             "or use another --out")
+    return st
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -496,8 +527,12 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.
 
 
 def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneConfig,
-                  on_log=None) -> FinetuneResult:
-    """Add LoRA to ``model`` (float or quantized base) and train it on ``pairs``; the base stays frozen."""
+                  on_log=None, state_path: str | Path | None = None) -> FinetuneResult:
+    """Add LoRA to ``model`` (float or quantized base) and train it on ``pairs``; the base stays frozen.
+
+    With ``state_path``, a training checkpoint (adapter, optimizer, schedule, data order, RNG) is written there
+    atomically every ``cfg.save_every`` steps, and a run killed after one continues from it exactly: the same
+    losses and, bit for bit, the same adapter as a run that was never stopped."""
     import time
 
     from ..models.llama import CausalLM
@@ -521,9 +556,32 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneC
     if hasattr(model, "clear_cache"):
         model.clear_cache()
     model.train()
-    history, cursor, t0, run = [], len(order), time.perf_counter(), 0.0
+    history, cursor, t0, run, start = [], len(order), time.perf_counter(), 0.0, 0
+    state_path = Path(state_path) if state_path is not None else None
+    fingerprint = _finetune_fingerprint(model, data, cfg) if state_path is not None else ""
+    st = _load_finetune_state(state_path, fingerprint) if state_path is not None else None
+    if st is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, st["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["torch_rng"])
+        rng.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python_rng"]))
+        order, cursor, run, start = list(st["order"]), st["cursor"], st["run"], st["step"]
+        history = list(st["history"])
+
+    def save_state(step: int) -> None:
+        from ..atomic import write_file
+
+        doc = {"format": FINETUNE_STATE_FORMAT, "fingerprint": fingerprint, "step": step,
+               "params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
+               "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(),
+               "order": order, "cursor": cursor, "run": run, "history": history}
+        write_file(state_path, lambda f: torch.save(doc, f))
+
     with torch.enable_grad():
-        for step in progress(range(cfg.steps), "finetune (lora)", total=cfg.steps):
+        for step in progress(range(start, cfg.steps), "finetune (lora)", total=cfg.steps - start):
             batch = []
             while len(batch) < cfg.batch_size:
                 if cursor >= len(order):
@@ -553,7 +611,10 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], cfg: FinetuneC
                 history.append(rec)
                 if on_log:
                     on_log(rec)
+            if state_path is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 \
+                    and step + 1 < cfg.steps:
+                save_state(step + 1)
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    return FinetuneResult(history, sum(p.numel() for p in params), time.perf_counter() - t0)
+    return FinetuneResult(history, sum(p.numel() for p in params), time.perf_counter() - t0, start)

@@ -8,15 +8,13 @@ r·(in + out) < in·out.
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
 from ..errors import SlimswarmError
 from ..models.checkpoint import register_module
 from ..models.llama import Linear
-from ..progress import progress
+from .layerwise import layer_linears, set_module, walk_layers
 
 
 def break_even_rank(in_features: int, out_features: int) -> int:
@@ -113,31 +111,16 @@ class LowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
 @torch.no_grad()
 def lowrank_model(model, cfg, calib: torch.Tensor | None = None) -> dict:
     """Factorize the decoder linears matching ``cfg.targets`` in place; returns {name: {rank, kept/skipped}}.
 
     Activation-aware runs layer by layer on calibration tokens (each layer sees the factorized layers before it)."""
-    from .quant.apply import _collect, _run_layer
-
     if cfg.activation_aware and calib is None:
         raise SlimswarmError("lowrank.activation_aware needs calibration text")
-    model.clear_cache()
     meta: dict[str, dict] = {}
-    x = cos = sin = None
-    if cfg.activation_aware:
-        x = model.model.embed_tokens(calib).to(model.dtype)
-        cos, sin = model.rope(torch.arange(calib.shape[1]).expand(1, -1), x.dtype)
-    for li, layer in progress(list(enumerate(model.model.layers)), "low-rank"):
-        names = {f"model.layers.{li}.{n}": m for n, m in layer.named_modules()
-                 if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(f"model.layers.{li}.{n}", p) for p in cfg.targets)
-                 and m.in_features and m.out_features}
-        stats = _collect(layer, x, cos, sin, names) if cfg.activation_aware and names else {}
+
+    def visit(li, layer, names, stats):
         for name, lin in names.items():
             H = stats[name]["H"] if stats else None
             B, A, s = svd_factors(lin.weight, cfg.rank, cfg.energy, H, cfg.whitening, cfg.damp)
@@ -146,8 +129,9 @@ def lowrank_model(model, cfg, calib: torch.Tensor | None = None) -> dict:
             if r > limit:
                 meta[name] = {"rank": r, "replaced": False, "reason": f"rank {r} > break-even {limit}"}
                 continue
-            _set(model, name, LowRankLinear.from_factors(B, A, lin.bias))
+            set_module(model, name, LowRankLinear.from_factors(B, A, lin.bias))
             meta[name] = {"rank": r, "replaced": True}
-        if cfg.activation_aware:
-            x = _run_layer(layer, x, cos, sin)
+
+    walk_layers(model, calib if cfg.activation_aware else None, "low-rank", visit,
+                select=lambda li, layer: layer_linears(layer, li, cfg.targets), dtype=model.dtype)
     return meta

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..errors import SlimswarmError
 from .distill import DistillConfig
+from .prune.masks import parse_pattern
 
 
 class Override(BaseModel):
@@ -29,15 +30,52 @@ class QuantizeConfig(BaseModel):
     symmetric: bool = False
     group_fallback: bool = False  # where group_size does not divide a width, use its largest divisor <= group_size that is a multiple of 16
     act_order: bool = False
+    # How each group's scale and zero point are chosen: "minmax" spans the group's extremes; "mse" searches clipped
+    # ranges for the least squared error; "imatrix" weights that error per input column by E[x²] on calibration text
+    # (llama.cpp's importance matrix). Works with rtn and gptq; the stored format is the same.
+    range_search: Literal["minmax", "mse", "imatrix"] = "minmax"
     damp: float = Field(0.01, gt=0, lt=1)
     head_bits: Literal[8] | None = 8  # embeddings + lm_head as int8 per row; null keeps them float
     overrides: list[Override] = []
+    # Mixed precision: give one budget for the whole checkpoint (bits per parameter, or bytes of model.safetensors);
+    # each decoder linear then gets the format from ``formats`` that minimises the predicted KL (quant/mixed.py),
+    # and ``bits`` / ``group_size`` are not used. Needs calibration text (the sensitivity pass).
+    budget_bpw: float | None = Field(None, gt=0)
+    budget_bytes: int | None = Field(None, gt=0)
+    formats: list[str] = ["w3g64", "w4g128", "w4g64", "w8"]
+    # with a budget, the embeddings / LM head table (one item; tied: one table) chooses from these (null: head_bits)
+    head_formats: list[str] | None = None
 
     @model_validator(mode="after")
     def _per_tensor_rtn(self) -> "QuantizeConfig":
         if self.per_tensor and self.method != "rtn":
             raise ValueError(f"per_tensor works with method rtn, not {self.method}")
+        if self.range_search != "minmax" and (self.method == "awq" or self.per_tensor):
+            raise ValueError(f"range_search {self.range_search} works with rtn and gptq groups, not "
+                             f"{'per_tensor' if self.per_tensor else 'awq'}")
+        if self.budget_bpw is not None and self.budget_bytes is not None:
+            raise ValueError("give one of budget_bpw or budget_bytes")
+        if self.budgeted:
+            if self.method == "awq" or self.per_tensor or self.overrides:
+                raise ValueError("a budget (mixed precision) works with rtn or gptq, without per_tensor or overrides")
+            from .quant.formats import WeightFormat
+
+            if not self.formats:
+                raise ValueError("formats: give at least one format for the budget to choose from")
+            for f in self.formats + (self.head_formats or []):
+                try:
+                    WeightFormat.parse(f)
+                except SlimswarmError as e:
+                    raise ValueError(str(e)) from None
         return self
+
+    @property
+    def budgeted(self) -> bool:
+        return self.budget_bpw is not None or self.budget_bytes is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn" or self.range_search == "imatrix" or self.budgeted
 
     @field_validator("group_size")
     @classmethod
@@ -75,6 +113,12 @@ class PruneConfig(BaseModel):
     targets: list[str] = ["model.layers.*"]  # fnmatch on decoder linear names
     block: int = Field(128, ge=1)  # SparseGPT column block
     damp: float = Field(0.01, gt=0, lt=1)
+    _nm: tuple[int, int] | None = PrivateAttr(None)  # ``pattern`` parsed once, at validation
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The N:M pattern as (N, M), or None for unstructured."""
+        return self._nm
 
     @field_validator("sparsity")
     @classmethod
@@ -86,8 +130,6 @@ class PruneConfig(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        from .prune.masks import parse_pattern
-
         try:
             parse_pattern(v)
         except SlimswarmError as e:
@@ -96,9 +138,7 @@ class PruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
-        from .prune.masks import parse_pattern
-
-        nm = parse_pattern(self.pattern)
+        nm = self._nm = parse_pattern(self.pattern)
         if nm and self.sparsity and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} (which means {1 - nm[0] / nm[1]})")
         st = self.structured
@@ -176,7 +216,7 @@ class Recipe(BaseModel):
     def needs_calibration(self) -> bool:
         p, lr, q = self.prune, self.lowrank, self.quantize
         return bool((p and (p.structured is not None or p.method != "magnitude"))
-                    or (lr and lr.activation_aware) or (q and q.method != "rtn"))
+                    or (lr and lr.activation_aware) or (q and q.needs_calibration))
 
 
 _PRESETS = {
@@ -187,6 +227,15 @@ _PRESETS = {
     "w3g128-gptq": {"quantize": {"method": "gptq", "bits": 3, "group_size": 128, "group_fallback": True}},
     "w4g64-rtn": {"quantize": {"method": "rtn", "bits": 4, "group_size": 64}},
     "w4g64-gptq": {"quantize": {"method": "gptq", "bits": 4, "group_size": 64}},
+    "w4g64-gptq-imatrix": {"quantize": {"method": "gptq", "bits": 4, "group_size": 64, "range_search": "imatrix"},
+                           "calibration": {"samples": 16, "seq_len": 256}},
+    # Mixed precision: the checkpoint folder (model.safetensors + 3.6 MB of tokenizer files) within 93.5 / 105 / 75 MB,
+    # the sizes of llama.cpp's Q3_K_M / Q4_K_M files of SmolLM2-135M and a 3-bit-class target (benchmarks/quant_smollm2.py).
+    **{f"mixed-{mb}mb": {"quantize": {"method": "gptq", "range_search": "imatrix", "budget_bytes": nbytes,
+                                      "formats": ["w3g64", "w4g128", "w4g96", "w4g64", "w8"],
+                                      "head_formats": ["w4g64", "w8"]},
+                         "calibration": {"samples": 16, "seq_len": 256}}
+       for mb, nbytes in ((93, 89_900_000), (105, 101_400_000), (75, 71_400_000))},
     "magnitude-50": {"prune": {"method": "magnitude", "sparsity": 0.5}},
     "wanda-50": {"prune": {"method": "wanda", "sparsity": 0.5}},
     "sparsegpt-50": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
@@ -262,15 +311,13 @@ def apply_recipe(model, recipe: Recipe, calib=None, tokenizer=None, text: str | 
         meta["recovery"] = _recover(model, teacher, tokenizer, recipe, text)
         del teacher
         if sparse_later:
-            from .prune.masks import parse_pattern
+            from .layerwise import set_module
             from .prune.sparse import SparseLinear
-            from .quant.apply import _set
 
-            nm = parse_pattern(recipe.prune.pattern)
             for name in meta["prune"].get("layers", {}):
                 lin = model.get_submodule(name)
-                sp = SparseLinear.from_dense(lin.weight.detach(), lin.bias, nm)
-                _set(model, name, sp)
+                sp = SparseLinear.from_dense(lin.weight.detach(), lin.bias, recipe.prune.nm)
+                set_module(model, name, sp)
                 meta["prune"]["layers"][name]["format"] = sp.fmt
     if recipe.quantize is not None:
         from .quant.apply import quantize_model

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import SlimswarmError
 from ..models.sampling import SamplingParams, sample_next
+from .grammar import Grammar, GrammarCompiler, RowGrammar
 from .kv import PrefixCache, installed, kv_bytes_per_token, make_caches, move_row
 
 
@@ -49,6 +50,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     id: str = ""
+    grammar: Grammar | None = None  # constrained decoding: every token is one the grammar allows
     # called from the engine thread with each event ("text", piece) / ("done", reason); must not block
     on_event: Callable[[str, Any], None] | None = field(default=None, repr=False)
     # filled by the engine
@@ -57,6 +59,7 @@ class Request:
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: top_logprobs (id, logprob)
     text: str = ""
     finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+    grammar_complete: bool = False  # the grammar accepted the whole text (False: cut by max_tokens, a stop string)
     error: str | None = None
     cached_tokens: int = 0
     t_submit: float = 0.0
@@ -68,6 +71,7 @@ class Request:
     _gen: torch.Generator | None = field(default=None, repr=False)
     _row: int = field(default=-1, repr=False)
     _ctx: tuple[list[int], str] | None = field(default=None, repr=False)
+    _g: RowGrammar | None = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:
@@ -135,12 +139,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._closed = False
-        self.counters = {"requests": 0, "finished": 0, "rejected": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
+        self.counters = {"submitted": 0, "requests": 0, "finished": 0, "rejected": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                          "prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
-                         "decode_rows": 0, "prefill_s": 0.0, "decode_s": 0.0}
+                         "decode_rows": 0, "prefill_s": 0.0, "decode_s": 0.0, "grammar_s": 0.0}
         self.last_batch = 0
         model.eval()
         self.caches = make_caches(model, max_batch, max_len)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size)
 
     @property
     def closed(self) -> bool:
@@ -149,8 +154,9 @@ class Engine:
     # ------------------------------------------------------------------ submitting
     def submit(self, prompt: list[int] | str, params: SamplingParams | None = None, adapter: str | None = None,
                timeout_s: float | None = None, logprobs: bool = False, top_logprobs: int = 0,
-               on_event: Callable[[str, Any], None] | None = None) -> Request:
-        """Queue a request; raises QueueFull, EngineClosed, or SlimswarmError for bad input (nothing is queued then)."""
+               on_event: Callable[[str, Any], None] | None = None, grammar: Grammar | None = None) -> Request:
+        """Queue a request; raises QueueFull, EngineClosed, or SlimswarmError for bad input (nothing is queued then;
+        a grammar that does not compile raises GrammarError, a SlimswarmError)."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
@@ -166,7 +172,9 @@ class Engine:
         if not 0 <= top_logprobs <= 20:
             raise SlimswarmError(f"top_logprobs must be in [0, 20], got {top_logprobs}")
         req = Request(ids, params, adapter, timeout_s, logprobs or top_logprobs > 0, top_logprobs,
-                      id=f"req-{next(self._ids)}", on_event=on_event)
+                      id=f"req-{next(self._ids)}", grammar=grammar, on_event=on_event)
+        if grammar is not None:
+            req._g = self.grammars.row(grammar)  # compiled (or copied from the cache) here, before queueing
         if params.seed is not None or params.temperature > 0:
             req._gen = torch.Generator(device=self.model.device)
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()).item())
@@ -177,7 +185,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosed("engine is shut down")
-            if len(self.waiting) >= self.max_waiting:
+            self.counters["submitted"] += 1  # = requests (accepted) + rejected; = finished + cancelled + timeouts
+            if len(self.waiting) >= self.max_waiting:  # + errors + rejected + in flight
                 self.counters["rejected"] += 1
                 raise QueueFull(f"queue full ({self.max_waiting} waiting)")
             req.t_submit = time.perf_counter()
@@ -187,15 +196,17 @@ class Engine:
         return req
 
     def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None,
-                 adapters: list[str | None] | None = None) -> list[Request]:
+                 adapters: list[str | None] | None = None,
+                 grammars: list[Grammar | None] | None = None) -> list[Request]:
         """Submit all and wait (drives the steps itself when no background thread runs)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         alist = adapters or [None] * len(prompts)
+        glist = grammars or [None] * len(prompts)
         reqs = []
-        for p, sp, a in zip(prompts, plist, alist):
+        for p, sp, a, g in zip(prompts, plist, alist, glist):
             while True:
                 try:
-                    reqs.append(self.submit(p, sp, a))
+                    reqs.append(self.submit(p, sp, a, grammar=g))
                     break
                 except QueueFull:
                     if self._thread is None:
@@ -392,22 +403,35 @@ class Engine:
     def _emit(self, req: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Sample one token for ``req`` and check its stop conditions."""
         p = req.params
-        if p.temperature == 0:
+        if req._g is not None:  # the grammar's mask goes on this row's logits (in place) before the pick
+            t0 = time.perf_counter()
+            sample = None if p.temperature == 0 else (lambda x: sample_next(x, p, req._gen))
+            tok = req._g.choose(logits, sample, greedy)
+            self.counters["grammar_s"] += time.perf_counter() - t0
+        elif p.temperature == 0:
             tok = greedy if greedy is not None else int(torch.argmax(logits))
         else:
             tok = sample_next(logits, p, req._gen)
         if req.t_first is None:
             req.t_first = time.perf_counter()
         if tok in self.eos:
+            req.grammar_complete = req._g is not None  # a grammar allows end-of-sequence only where it is complete
             self._finish(req, "stop")
             return
         req.tokens.append(tok)
+        if req._g is not None:
+            t0 = time.perf_counter()
+            done = req._g.accept(tok)
+            self.counters["grammar_s"] += time.perf_counter() - t0
+        else:
+            done = False
         if req.logprobs:
             lp = torch.log_softmax(logits.float(), -1)
             req.token_logprobs.append(float(lp[tok]))
             if req.top_logprobs:
                 v, i = torch.topk(lp, req.top_logprobs)
-                req.top.append(list(zip(i.tolist(), v.tolist())))
+                # under a grammar fewer tokens than asked for may be allowed: -inf is no alternative (nor JSON)
+                req.top.append([(a, b) for a, b in zip(i.tolist(), v.tolist()) if b != float("-inf")])
         self.counters["generated_tokens"] += 1
         text = self._detokenize(req)
         if p.stop:
@@ -417,6 +441,10 @@ class Engine:
                 self._finish(req, "stop")
                 return
         req.text = text
+        if done:  # the grammar is complete: end here rather than spend a forward on the forced end-of-sequence
+            req.grammar_complete = True
+            self._finish(req, "stop")
+            return
         if len(req.tokens) >= p.max_tokens:
             self._finish(req, "length")
             return

@@ -155,6 +155,7 @@ class PrefixCache:
 
     def stats(self) -> dict:
         return {"prefix_cache_blocks": len(self.blocks), "prefix_cache_bytes": self.bytes,
+                "prefix_cache_budget_bytes": self.budget,
                 "prefix_cache_lookups": self.lookups, "prefix_cache_hits": self.hits,
                 "prefix_cache_hit_blocks": self.hit_blocks, "prefix_cache_hit_tokens": self.hit_tokens,
                 "prefix_cache_evicted": self.evicted}

@@ -21,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from ..errors import SlimswarmError
 from ..models.sampling import SamplingParams
+from .chat_plan import plan_chat
 from .engine import Engine, EngineClosed, QueueFull
+from .grammar import GrammarError
+from .tools import ToolCallParser, openai_tool_calls
 
 DEFAULT_MAX_TOKENS = 512
 MAX_BODY_BYTES = 1 << 20
@@ -67,8 +70,12 @@ class _Body(BaseModel):
 
 
 class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # accepted; the chat template has no place for it
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -86,6 +93,10 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool = True
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionBody(_Body):
@@ -94,6 +105,56 @@ class CompletionBody(_Body):
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
+
+
+def _body_schema(cls) -> dict:
+    """An OpenAPI requestBody for a handler that reads its JSON itself (size limit first, then validation): the
+    pydantic schema with its definitions inlined, so /openapi.json documents, and fuzzers can exercise, every field."""
+    schema = cls.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}},
+            "responses": {"200": {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+                          **{str(code): r for code, r in _error_responses().items()}}}
+
+
+def _error_responses() -> dict:
+    """Every status a handler may answer with besides 200, each in OpenAI's error shape (documented in /openapi.json)."""
+    error = {"description": "An OpenAI-shaped error", "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    return {code: error for code in _TYPES}
+
+
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}  # one data: line
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server would answer anyone who can reach ``host`` without a key; None on loopback."""
+    import ipaddress
+
+    if api_key:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"binding {host} without --api-key: anyone who can reach this address can use the model "
+            "(set --api-key or $SLIMSWARM_API_KEY, or bind 127.0.0.1)")
 
 
 def _parse(cls, data: Any):
@@ -111,7 +172,7 @@ def _parse(cls, data: Any):
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, request_timeout_s: float | None = 600.0) -> FastAPI:
     """The FastAPI app serving ``engine`` as model ``model_name`` (and each of its adapters under its own name)."""
-    app = FastAPI(title="slimswarm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="slimswarm", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
     created = int(time.time())
     tok = engine.tokenizer
@@ -176,7 +237,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         except SlimswarmError as e:
             raise ApiError(400, str(e), "invalid_value") from None
 
-    def submit(ids: list[int], params: SamplingParams, adapter: str | None, top: int, logprobs: bool):
+    def submit(ids: list[int], params: SamplingParams, adapter: str | None, top: int, logprobs: bool, grammar=None):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -184,7 +245,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
         try:
-            req = engine.submit(ids, params, adapter, request_timeout_s, logprobs, top, on_event)
+            req = engine.submit(ids, params, adapter, request_timeout_s, logprobs, top, on_event, grammar)
         except QueueFull as e:
             raise ApiError(429, f"server busy: {e}; retry later", "queue_full") from None
         except EngineClosed as e:
@@ -263,6 +324,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 first = make_chunk("", None, None, first=True)
                 if first is not None:
                     yield sse({**base, **first})
+                # a chunk maker may answer one engine event with several chunks (a list), or none (None/[])
+                def chunks(x):
+                    return [] if x is None else x if isinstance(x, list) else [x]
+
                 while True:
                     kind, value = await events.get()
                     if kind == "done":
@@ -270,14 +335,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                     hi = len(req.tokens)
                     lp = (sent_tokens, hi) if req.logprobs else None
                     sent_tokens = hi
-                    yield sse({**base, **make_chunk(value, None, lp)})
+                    for c in chunks(make_chunk(value, None, lp)):
+                        yield sse({**base, **c})
                 err = failure(req)
                 if err is not None:
                     yield sse(_error_body(err.status, err.message, err.code))
                 else:
                     hi = len(req.tokens)
                     lp = (sent_tokens, hi) if req.logprobs and hi > sent_tokens else None
-                    yield sse({**base, **make_chunk("", req.finish_reason, lp)})
+                    for c in chunks(make_chunk("", req.finish_reason, lp)):
+                        yield sse({**base, **c})
                     if include_usage:
                         yield sse({**base, "choices": [], "usage": usage(req)})
                 yield "data: [DONE]\n\n"
@@ -288,15 +355,55 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
 
+    def tool_chunks(req, parser: ToolCallParser):
+        """Chat chunks for a reply that may hold tool calls: content deltas, or per call a first delta with index,
+        id and name, then argument fragments; finish_reason "tool_calls" when the calls completed."""
+        state = {"text": ""}
+
+        def one(delta, finish=None, lp=None):
+            return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                 "logprobs": chat_logprobs(req, *lp) if lp else None}]}
+
+        def chunk(text, finish, lp, first=False):
+            if first:
+                return one({"role": "assistant", "content": None})
+            state["text"] += text
+            out = []
+            for ev in parser.feed(state["text"], final=finish is not None):
+                if ev[0] == "content":
+                    out.append(one({"content": ev[1]}))
+                elif ev[0] == "call":
+                    out.append(one({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                                    "function": {"name": ev[3], "arguments": ""}}]}))
+                else:
+                    out.append(one({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}))
+            if finish is not None:
+                if finish == "stop" and parser.mode == "calls" and req.grammar_complete:
+                    finish = "tool_calls"
+                out.append(one({}, finish, lp))
+            elif lp and out:
+                out[-1] = one(out[-1]["choices"][0]["delta"], None, lp)
+            return out
+
+        return chunk
+
     # ------------------------------------------------------------------------------------------ endpoints
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatBody))
     async def chat_completions(request: Request):
         check_key(request)
         body = _parse(ChatBody, await read_json(request))
         adapter = adapter_for(body.model)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = tok.encode(tok.chat(messages))
+            messages = [{"role": m.role, "content": m.text(), "tool_calls": m.tool_calls,
+                         "tool_call_id": m.tool_call_id} for m in body.messages]
+            plan = plan_chat(messages, body.tools, body.tool_choice, body.parallel_tool_calls, body.response_format,
+                             engine.grammars.compile)
+        except GrammarError as e:  # ToolSpecError included: it names its field
+            raise ApiError(400, str(e), "invalid_value", getattr(e, "param", None)) from None
+        except ValueError as e:
+            raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
+        try:
+            ids = tok.encode(tok.chat(plan.messages))
         except ValueError as e:
             raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
         except Exception as e:  # a chat template rejecting the conversation (roles out of order, ...)
@@ -308,25 +415,33 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens)
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
-        req, events = submit(ids, params, adapter, body.top_logprobs or 0, body.logprobs)
+        req, events = submit(ids, params, adapter, body.top_logprobs or 0, body.logprobs, plan.grammar)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model}
         if body.stream:
-            def chunk(text, finish, lp, first=False):
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                     "logprobs": chat_logprobs(req, *lp) if lp else None}]}
+            if plan.tools is not None:
+                chunk = tool_chunks(req, ToolCallParser())
+            else:
+                def chunk(text, finish, lp, first=False):
+                    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                         "logprobs": chat_logprobs(req, *lp) if lp else None}]}
 
             opts = body.stream_options or {}
             return stream(request, req, events, chunk, bool(opts.get("include_usage")), base)
         await wait_done(request, req, events)
-        choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
-                  "finish_reason": req.finish_reason,
+        message, finish = {"role": "assistant", "content": req.text}, req.finish_reason
+        if plan.tools is not None:
+            content, calls = ToolCallParser().finish(req.text)
+            if calls:  # cut by max_tokens, the calls so far (the last one unfinished) and "length", as streamed
+                message = {"role": "assistant", "content": None, "tool_calls": openai_tool_calls(calls)}
+                finish = "tool_calls" if req.grammar_complete else req.finish_reason
+        choice = {"index": 0, "message": message, "finish_reason": finish,
                   "logprobs": chat_logprobs(req, 0, len(req.tokens)) if req.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
                 "choices": [choice], "usage": usage(req), "system_fingerprint": None}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionBody))
     async def completions(request: Request):
         check_key(request)
         body = _parse(CompletionBody, await read_json(request))
@@ -370,18 +485,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return {"id": m, "object": "model", "created": created, "owned_by": "slimswarm",
                 **({"parent": model_name} if m != model_name else {})}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_error_responses())
     async def models(request: Request):
         check_key(request)
         return {"object": "list", "data": [model_card(m) for m in model_ids()]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", responses=_error_responses())
     async def model(request: Request, model_id: str):
         check_key(request)
         adapter_for(model_id)  # 404 when unknown
         return model_card(model_id)
 
-    @app.get("/health")
+    @app.get("/health", responses=_error_responses())
     async def health():
         s = engine.stats()
         ok = s["running"] and not engine.closed
@@ -389,7 +504,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 "queue_depth": s["queue_depth"]}
         return JSONResponse(body, 200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=_error_responses(), response_class=PlainTextResponse)
     async def metrics(request: Request):
         check_key(request)
         return PlainTextResponse(prometheus_text(engine.stats()), media_type="text/plain; version=0.0.4")
@@ -402,6 +517,8 @@ _METRICS = [  # (name, type, help, stats key)
     ("slimswarm_active_sequences", "gauge", "Sequences in the running batch.", "active"),
     ("slimswarm_batch_size", "gauge", "Rows in the last decode step.", "batch_size"),
     ("slimswarm_max_batch", "gauge", "Batch rows the engine has.", "max_batch"),
+    ("slimswarm_requests_submitted_total", "counter", "Requests that reached the queue (accepted or rejected).",
+     "submitted"),
     ("slimswarm_requests_total", "counter", "Requests accepted.", "requests"),
     ("slimswarm_requests_finished_total", "counter", "Requests finished normally.", "finished"),
     ("slimswarm_requests_rejected_total", "counter", "Requests refused because the queue was full.", "rejected"),
@@ -415,6 +532,7 @@ _METRICS = [  # (name, type, help, stats key)
     ("slimswarm_prefix_cache_hit_tokens_total", "counter", "Prompt tokens reused from the prefix cache.",
      "prefix_cache_hit_tokens"),
     ("slimswarm_prefix_cache_bytes", "gauge", "Bytes held by the prefix cache.", "prefix_cache_bytes"),
+    ("slimswarm_prefix_cache_budget_bytes", "gauge", "The prefix cache's byte budget.", "prefix_cache_budget_bytes"),
     ("slimswarm_kv_cache_bytes", "gauge", "Bytes of the engine's KV cache.", "kv_cache_bytes"),
 ]
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from ..errors import SlimswarmError
 from .llama import CausalLM, ModelConfig, rope_inv_freq
+from .loaded import Loaded
 from .tokenizer import HFTokenizer, SentencePieceTokenizer
 
 FORMAT = "slimswarm/1"
@@ -69,11 +70,13 @@ def file_sha256(path: str | Path) -> str:
 def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
+    from ..atomic import publish_dir, recover, staging_dir
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    recover(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise SlimswarmError(f"{out}: output folder exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
@@ -94,59 +97,118 @@ def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, ove
         if specs:
             doc["modules"] = specs
         (tmp / "slimswarm.json").write_text(json.dumps(doc, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)  # never deletes the old checkpoint before the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+class _QuantEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    bits: Literal[2, 3, 4, 8]
+    group_size: StrictInt
+    tied: StrictBool = False
+
+
+class _CheckpointDoc(BaseModel):
+    """The parts of slimswarm.json the loader reads; the rest (recipe, parent, passes ...) is metadata."""
+    model_config = ConfigDict(extra="allow")
+    format: Literal["slimswarm/1"]
+    config: dict[str, Any]
+    tokenizer: Literal["hf", "sentencepiece"]
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    quantization: dict[str, _QuantEntry] = {}
+    modules: dict[str, dict[str, Any]] = {}
+
+
+def _read_doc(path: Path) -> tuple[dict, _CheckpointDoc]:
+    meta = path / "slimswarm.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise SlimswarmError(f"{meta}: unreadable ({e})") from None
+    if isinstance(doc, dict) and doc.get("format") != FORMAT:
+        raise SlimswarmError(f"{meta}: unknown format {doc.get('format')!r} (expected {FORMAT})")
+    checked = doc
+    if isinstance(doc, dict) and isinstance(doc.get("quantization"), dict) and "plan" in doc["quantization"]:
+        # the mixed-precision plan (compress/quant/mixed.py) is a record, not a module
+        checked = {**doc, "quantization": {k: v for k, v in doc["quantization"].items() if k != "plan"}}
+    try:
+        return doc, _CheckpointDoc.model_validate(checked)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "document"
+        raise SlimswarmError(f"{meta}: {loc}: {err['msg']}") from None
+
+
+def _build(cfg: ModelConfig, d: _CheckpointDoc, target: torch.dtype, source: Path) -> CausalLM:
+    """The model described by slimswarm.json, its quantized and compressed modules in place, tensors unfilled."""
+    from ..compress.quant.linear import QuantEmbedding, QuantLinear
+    from .materialize import empty_model
+
+    model = empty_model(cfg, target)  # uninitialised: every tensor is overwritten by the loader
+    try:
+        for name, info in d.quantization.items():
+            if name == "lm_head":
+                head = QuantLinear(cfg.hidden_size, cfg.vocab_size, info.bits, info.group_size)
+                model.lm_head = head
+                if info.tied:
+                    model.model.embed_tokens = QuantEmbedding(head, shared=True)
+                else:
+                    model.model.embed_tokens = QuantEmbedding(
+                        QuantLinear(cfg.hidden_size, cfg.vocab_size, info.bits, info.group_size), shared=False)
+                continue
+            lin = model.get_submodule(name)
+            if not isinstance(lin, torch.nn.Linear):
+                raise SlimswarmError(f"quantization.{name}: not a linear layer")
+            ql = QuantLinear(lin.in_features, lin.out_features, info.bits, info.group_size, lin.bias is not None)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, ql)
+        for name, spec in d.modules.items():
+            spec = dict(spec)
+            cls = _module_class(spec.pop("type", None), source / "slimswarm.json")
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, cls.from_spec(spec))
+    except SlimswarmError as e:
+        raise SlimswarmError(f"{source / 'slimswarm.json'}: {e}") from None
+    except (AttributeError, TypeError, ValueError, KeyError) as e:  # a module name or a constructor argument is off
+        raise SlimswarmError(f"{source / 'slimswarm.json'}: modules do not fit the model "
+                             f"({type(e).__name__}: {e})") from None
+    if cfg.tie_word_embeddings and "lm_head" not in d.quantization:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
-    """Rebuild the (compressed) model exactly as saved: quantized modules first, then the tensors."""
+    """Rebuild the (compressed) model exactly as saved: quantized modules first, then the tensors. The model is
+    built on the meta device and checked against the file's tensor shapes (read from the safetensors header)
+    before any real memory is taken; the tensors are then read one layer at a time."""
     from safetensors import SafetensorError, safe_open
 
-    from ..compress.quant.linear import QuantEmbedding, QuantLinear
-    from .load import Loaded
-    from .materialize import empty_model, load_streamed
+    from .materialize import load_streamed
+    from .validate import check_layer_count, check_shapes, header_shapes
 
     path = Path(path)
-    try:
-        doc = json.loads((path / "slimswarm.json").read_text())
-    except (json.JSONDecodeError, OSError) as e:
-        raise SlimswarmError(f"{path / 'slimswarm.json'}: unreadable ({e})") from None
-    if doc.get("format") != FORMAT:
-        raise SlimswarmError(f"{path / 'slimswarm.json'}: unknown format {doc.get('format')!r} (expected {FORMAT})")
-    try:  # tensors are read one layer at a time below (plain reads: no mapped file pages stay resident)
+    doc, d = _read_doc(path)
+    try:  # plain reads (pread): no mapped file pages stay resident
         st = safe_open(str(path / "model.safetensors"), framework="pt", backend="pread")
+        shapes = header_shapes(st)
     except (SafetensorError, OSError) as e:
         raise SlimswarmError(f"{path / 'model.safetensors'}: corrupt or truncated ({str(e).splitlines()[0]})") from None
-    cfg = ModelConfig(**doc["config"])
-    target = dtype or getattr(torch, doc.get("dtype", "float32"))
-    model = empty_model(cfg, target)  # uninitialised: every tensor is overwritten below
-    q = doc.get("quantization", {})
-    for name, info in q.items():
-        if name == "lm_head":
-            head = QuantLinear(cfg.hidden_size, cfg.vocab_size, info["bits"], info["group_size"])
-            model.lm_head = head
-            if info["tied"]:
-                model.model.embed_tokens = QuantEmbedding(head, shared=True)
-            else:
-                model.model.embed_tokens = QuantEmbedding(
-                    QuantLinear(cfg.hidden_size, cfg.vocab_size, info["bits"], info["group_size"]), shared=False)
-            continue
-        lin = model.get_submodule(name)
-        ql = QuantLinear(lin.in_features, lin.out_features, info["bits"], info["group_size"], lin.bias is not None)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, ql)
-    for name, spec in doc.get("modules", {}).items():
-        spec = dict(spec)
-        cls = _module_class(spec.pop("type", None), path / "slimswarm.json")
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, cls.from_spec(spec))
-    if cfg.tie_word_embeddings and "lm_head" not in q:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    try:
+        cfg = ModelConfig(**d.config)
+    except TypeError as e:  # an unknown or missing field
+        raise SlimswarmError(f"{path / 'slimswarm.json'}: config: {e}") from None
+    except SlimswarmError as e:
+        raise SlimswarmError(f"{path / 'slimswarm.json'}: {e}") from None
+    target = dtype or getattr(torch, d.dtype)
+    check_layer_count(cfg.num_hidden_layers, shapes, str(path))
+    with torch.device("meta"):
+        skeleton = _build(cfg, d, target, path)
+    check_shapes(skeleton, shapes, str(path))
+    del skeleton
+    model = _build(cfg, d, target, path)
     try:
         missing, unexpected = load_streamed(model, ((k, st.get_tensor(k)) for k in st.keys()))
     except (SafetensorError, OSError) as e:
@@ -156,9 +218,12 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
     if missing or unexpected:
         raise SlimswarmError(f"{path}: checkpoint does not match its slimswarm.json "
                              f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+    for name, m in model.named_modules():
+        if hasattr(m, "check_loaded"):  # compressed formats whose indices must stay inside their matrix
+            m.check_loaded(f"{path}: {name}")
     model.inv_freq = rope_inv_freq(cfg).float()
     model.eval()
-    if doc["tokenizer"] == "hf":
+    if d.tokenizer == "hf":
         from .hf import read_hf_tokenizer
 
         tok = read_hf_tokenizer(path, cfg)

@@ -42,11 +42,21 @@ def open_gguf(path: str | Path) -> tuple[ModelConfig, list[GGUFTensor]]:
     path = Path(path)
     try:
         meta, table = read_header(path)
-    except (ValueError, OSError, struct.error) as e:  # truncated or not a GGUF at all
+    except (ValueError, OSError, struct.error, OverflowError, KeyError, IndexError, MemoryError) as e:  # truncated, hostile, or not a GGUF
         raise SlimswarmError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     arch = meta.get("general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
         raise SlimswarmError(f"{path}: unsupported architecture {arch!r} (llama, qwen2, mistral)")
+    try:
+        return _gguf_config(meta, arch, table), table
+    except SlimswarmError as e:
+        raise SlimswarmError(f"{path}: {e}") from None
+    except (TypeError, ValueError, OverflowError, KeyError, IndexError) as e:  # a metadata field missing or mistyped
+        raise SlimswarmError(f"{path}: bad or missing model metadata ({type(e).__name__}: {e})") from None
+
+
+def _gguf_config(meta: dict, arch: str, table: list[GGUFTensor]) -> ModelConfig:
+    """Our config from the GGUF metadata (raises TypeError/ValueError on missing or mistyped fields)."""
     g = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
     n_heads, n_kv = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -74,7 +84,12 @@ def open_gguf(path: str | Path) -> tuple[ModelConfig, list[GGUFTensor]]:
         eos_token_id=[] if eos is None else [int(eos)],
         model_type=arch,
     )
-    return cfg, table
+    return cfg
+
+
+def gguf_shapes(table: list[GGUFTensor]) -> dict[str, torch.Tensor]:
+    """Meta tensors with the shapes the header declares, in our names (checked against the config before loading)."""
+    return {k: torch.empty(list(t.shape), device="meta") for t in table if (k := _hf_name(t.name)) is not None}
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -109,8 +124,8 @@ def _dequantized(f, t: GGUFTensor, dtype: torch.dtype, path: Path) -> torch.Tens
             raise SlimswarmError(f"{path}: tensor {t.name!r} is truncated")
         try:
             arr = dequantize(np.frombuffer(buf, dtype=np.uint8).reshape(n, row_bytes), t.tensor_type)
-        except Exception as e:
-            raise SlimswarmError(f"{path}: tensor {t.name!r} cannot be read ({e})") from None
+        except Exception as e:  # noqa: BLE001 - the de-quantizer's and numpy's errors alike: a corrupt tensor
+            raise SlimswarmError(f"{path}: tensor {t.name!r} cannot be read ({type(e).__name__}: {e})") from None
         flat[r0 : r0 + n] = torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(n, shape[-1]))
     return out
 
@@ -150,7 +165,10 @@ def gguf_tokenizer(path: str | Path, cfg: ModelConfig) -> HFTokenizer:
     if (cache / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(str(cache))
     else:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # noqa: BLE001 - transformers' converter fails in many ways on a broken vocabulary
+            raise SlimswarmError(f"{path}: the embedded tokenizer cannot be read ({type(e).__name__}: {e})") from None
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         tok.save_pretrained(str(tmp))
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
 def hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every weight of the folder, read one tensor at a time (safetensors with plain reads,
     so no mapped file pages stay resident; a PyTorch ``.bin`` shard is read whole)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -43,8 +43,29 @@ def hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> Iterator[tup
                 part = torch.load(str(f), map_location="cpu", weights_only=True)
                 for k in list(part):
                     yield k, cast(part.pop(k))
-        except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-            raise SlimswarmError(f"{f}: corrupt or truncated weights ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001 - safetensors, zip, and the weights-only unpickler's refusals alike
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SlimswarmError(f"{f}: corrupt or truncated weights ({first})") from None
+
+
+def hf_shapes(folder: Path) -> dict[str, torch.Tensor] | None:
+    """Meta tensors with the shapes the safetensors headers declare (None for PyTorch .bin shards)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .validate import header_shapes
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", backend="pread") as st:
+                out.update(header_shapes(st))
+        except (SafetensorError, OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SlimswarmError(f"{f}: corrupt or truncated weights ({first})") from None
+    return out
 
 
 def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -56,8 +56,11 @@ class ModelConfig:
     layer_intermediate: list[int] | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise SlimswarmError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         for name in ("layer_kv_heads", "layer_intermediate"):
             v = getattr(self, name)
             if v is not None and len(v) != self.num_hidden_layers:
@@ -68,12 +71,62 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
 
+    def _check_types(self) -> None:
+        """Every field of the type and range it needs: configs come from files, and files lie."""
+        def bad(name, want):
+            raise SlimswarmError(f"config field {name} must be {want}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        if not is_int(self.head_dim) or self.head_dim < 0:
+            bad("head_dim", "an integer >= 0")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                bad(name, "a positive finite number")
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        if self.bos_token_id is not None and not is_int(self.bos_token_id):
+            bad("bos_token_id", "an integer or null")
+        if not isinstance(self.eos_token_id, list) or not all(is_int(t) for t in self.eos_token_id):
+            bad("eos_token_id", "a list of integers")
+        if not isinstance(self.model_type, str):
+            bad("model_type", "a string")
+        for name in ("layer_kv_heads", "layer_intermediate"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, list) or not all(is_int(x) and x >= 0 for x in v)):
+                bad(name, "a list of integers >= 0 or null")
+        s = self.rope_scaling
+        if s is not None:
+            keys = {"linear": ("factor",),
+                    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+            need = keys.get(s.get("rope_type")) if isinstance(s, dict) else None
+            if need is None or not all(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)
+                                       and 0 < s[k] < math.inf for k in need):
+                bad("rope_scaling", "null, {rope_type: linear, factor} or {rope_type: llama3, factor, "
+                    "low_freq_factor, high_freq_factor, original_max_position_embeddings} with positive numbers")
+            if s["rope_type"] == "llama3" and s["low_freq_factor"] == s["high_freq_factor"]:
+                bad("rope_scaling", "llama3 scaling with low_freq_factor != high_freq_factor")
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Build from a Hugging Face ``config.json`` dict (transformers 4.x or 5.x field names)."""
+        if not isinstance(cfg, dict):
+            raise SlimswarmError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        for name in ("rope_parameters", "rope_scaling"):
+            if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+                raise SlimswarmError(f"{source}: {name} must be an object, got {cfg[name]!r}")
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type", "")
-        known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not isinstance(archs, list) or not isinstance(model_type, str):
+            raise SlimswarmError(f"{source}: architectures must be a list and model_type a string")
+        known = [SUPPORTED_ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in SUPPORTED_ARCHITECTURES]
         if not known and model_type not in SUPPORTED_ARCHITECTURES.values():
             name = archs[0] if archs else model_type or "unknown"
             raise SlimswarmError(
@@ -90,7 +143,9 @@ class ModelConfig:
         if rope_type not in ("default", "llama3", "linear"):
             raise SlimswarmError(f"{source}: unsupported rope_type {rope_type!r} (default, llama3, linear)")
         eos = cfg.get("eos_token_id")
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else eos)  # anything else: refused below
+        if isinstance(theta, (int, float)) and not isinstance(theta, bool):
+            theta = float(theta)
         try:
             return cls(
                 vocab_size=cfg["vocab_size"],
@@ -101,7 +156,7 @@ class ModelConfig:
                 num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
                 head_dim=cfg.get("head_dim") or 0,
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                rope_theta=float(theta),
+                rope_theta=theta,
                 rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
                 max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -114,6 +169,8 @@ class ModelConfig:
             )
         except KeyError as e:
             raise SlimswarmError(f"{source}: missing field {e.args[0]!r}") from None
+        except SlimswarmError as e:
+            raise SlimswarmError(f"{source}: {e}") from None
 
     def kv_heads(self, i: int) -> int:
         return self.layer_kv_heads[i] if self.layer_kv_heads is not None else self.num_key_value_heads

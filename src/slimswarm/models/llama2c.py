@@ -26,6 +26,25 @@ def read_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
     vocab = abs(vocab)
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
         raise SlimswarmError(f"{path}: not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads, n_kv})")
+    if (dim // n_heads) % 2:
+        raise SlimswarmError(f"{path}: not a llama2.c checkpoint (head size {dim // n_heads} is odd)")
+    try:
+        cfg = ModelConfig(
+            vocab_size=vocab,
+            hidden_size=dim,
+            intermediate_size=hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            max_position_embeddings=seq_len,
+            tie_word_embeddings=shared,
+            bos_token_id=1,
+            eos_token_id=[2],
+        )
+    except SlimswarmError as e:
+        raise SlimswarmError(f"{path}: {e}") from None
     hd = dim // n_heads
     kv_dim = n_kv * hd
     shapes = [
@@ -68,18 +87,4 @@ def read_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
             elif part == "k_proj":
                 w = unpermute_rope(w, n_kv)
             sd[f"model.layers.{i}.{'self_attn' if part in attn else 'mlp'}.{part}.weight"] = w
-    cfg = ModelConfig(
-        vocab_size=vocab,
-        hidden_size=dim,
-        intermediate_size=hidden,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=seq_len,
-        tie_word_embeddings=shared,
-        bos_token_id=1,
-        eos_token_id=[2],
-    )
     return cfg, {k: v.contiguous().to(dtype) for k, v in sd.items()}

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data import data_dir
 from ..errors import SlimswarmError
+from .checkpoint import load_checkpoint
 from .llama import CausalLM, ModelConfig, rope_inv_freq
-from .tokenizer import Tokenizer
+from .loaded import Loaded
+
+__all__ = ["Loaded", "build_model", "load", "resolve", "smollm2_gguf_path"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,20 +41,22 @@ NAMED = {
 }
 
 
-@dataclass
-class Loaded:
-    model: CausalLM
-    tokenizer: Tokenizer
-    source: str  # resolved path or hub id
-    kind: str  # "hf", "gguf", "llama2c", "slimswarm"
-    meta: dict
-
-
-def build_model(cfg: ModelConfig, sd, source: str, dtype=torch.float32) -> CausalLM:
+def build_model(cfg: ModelConfig, sd, source: str, dtype=torch.float32, shapes=None) -> CausalLM:
     """Instantiate our model and load weights in Hugging Face names, strictly. ``sd``: a state dict or an
-    iterable of (name, tensor) pairs, consumed one layer at a time (see ``materialize``)."""
-    from .materialize import empty_model, load_streamed
+    iterable of (name, tensor) pairs, consumed one layer at a time (see ``materialize``). ``shapes`` (name ->
+    a tensor of that shape, e.g. on the meta device; taken from ``sd`` when it is a dict): the layer count and
+    every shape are checked against the config before anything is allocated, so a hostile config costs nothing."""
+    from .materialize import empty_model, load_streamed, skipped_init
+    from .validate import check_layer_count, check_shapes
 
+    if shapes is None and isinstance(sd, dict):
+        shapes = sd
+    if shapes is not None:
+        check_layer_count(cfg.num_hidden_layers, shapes, source)
+        with skipped_init(), torch.device("meta"):
+            skeleton = CausalLM(cfg)
+        check_shapes(skeleton, shapes, source)
+        del skeleton
     model = empty_model(cfg)
     skip = ["lm_head.weight"] if cfg.tie_word_embeddings else []
     missing, _ = load_streamed(model, sd, assign=True, skip=skip)
@@ -88,19 +92,18 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
     p = target
     if p.is_dir():
         if (p / "slimswarm.json").exists():
-            from .checkpoint import load_checkpoint
-
             return load_checkpoint(p, dtype=dtype)
         if not (p / "config.json").exists():
             raise SlimswarmError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
         cfg = hf.read_hf_config(p)
-        model = build_model(cfg, hf.hf_weights(p, dtype), str(p), dtype)
+        model = build_model(cfg, hf.hf_weights(p, dtype), str(p), dtype, shapes=hf.hf_shapes(p))
         return Loaded(model, hf.read_hf_tokenizer(p, cfg), str(p), "hf", {})
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         cfg, table = gguf.open_gguf(p)
-        model = build_model(cfg, gguf.gguf_weights(p, table, cfg, dtype), str(p), dtype)
+        model = build_model(cfg, gguf.gguf_weights(p, table, cfg, dtype), str(p), dtype,
+                            shapes=gguf.gguf_shapes(table))
         return Loaded(model, gguf.gguf_tokenizer(p, cfg), str(p), "gguf", {})
     if p.suffix == ".gguf":
         raise SlimswarmError(f"{p}: not a GGUF file (bad magic {magic!r})")

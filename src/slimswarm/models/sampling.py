@@ -31,9 +31,14 @@ class SamplingParams:
             self.stop = [self.stop]
 
 
+# Below this temperature, logits / temperature overflows float32 (a logit gap of 10 / 1e-38 is inf, and softmax of
+# inf - inf is NaN): such a temperature already means "the most likely token", so it is taken greedily.
+GREEDY_BELOW = 1e-6
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """One token id from one row of logits [V]."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
     if params.top_k:
@@ -44,6 +49,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
         probs = torch.softmax(sorted_logits, -1)
         # Drop a token once the mass before it already reaches top_p (the first token always stays).
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False  # also when top_p is below float32's smallest number (5e-324 compares as 0 here)
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=gen))

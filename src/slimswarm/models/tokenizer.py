@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import SlimswarmError
+
 
 class Tokenizer:
     """encode/decode/chat with the special ids generation needs, whatever the backing library."""
@@ -67,7 +69,10 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = Path(path)
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise SlimswarmError(f"{path}: not a readable SentencePiece model ({str(e).splitlines()[0][:200]})") from None
         self.bos_id = self.sp.bos_id()
         self.eos_ids = [self.sp.eos_id()]
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_ids[0]

@@ -3,42 +3,31 @@ from calibration activations (each layer sees the pruned layers before it), then
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
 from ...errors import SlimswarmError
-from ...progress import progress
+from ..layerwise import layer_linears, set_module, walk_layers
 from .magnitude import magnitude_prune
-from .masks import check_nm, check_sparsity, parse_pattern, sparsity_of
+from .masks import check_nm, check_sparsity, sparsity_of
 from .sparse import SparseLinear
 from .sparsegpt import sparsegpt_prune
 from .structured import structured_prune
 from .wanda import wanda_prune
 
 
-def _targets(layer: nn.Module, li: int, patterns: list[str]) -> dict[str, nn.Linear]:
-    out = {}
-    for n, m in layer.named_modules():
-        full = f"model.layers.{li}.{n}"
-        if isinstance(m, nn.Linear) and m.in_features and m.out_features and any(fnmatch.fnmatch(full, p) for p in patterns):
-            out[full] = m
-    return out
-
-
 def unstructured_sparsity(cfg) -> float:
-    nm = parse_pattern(cfg.pattern)
+    nm = cfg.nm
     return 1 - nm[0] / nm[1] if nm else cfg.sparsity
 
 
 def check_plan(model, cfg) -> None:
     """Fail before any calibration: sparsity range, N:M widths, layer counts."""
     check_sparsity(cfg.sparsity, "prune.sparsity")
-    nm = parse_pattern(cfg.pattern)
+    nm = cfg.nm
     if nm:
         for li, layer in enumerate(model.model.layers):
-            for name, lin in _targets(layer, li, cfg.targets).items():
+            for name, lin in layer_linears(layer, li, cfg.targets).items():
                 check_nm(lin.in_features, nm, name)
     st = cfg.structured
     if st is not None and st.layers >= model.config.num_hidden_layers:
@@ -49,52 +38,45 @@ def check_plan(model, cfg) -> None:
 def prune_weight(method: str, w: torch.Tensor, stats: dict | None, cfg, name: str) -> torch.Tensor:
     s = unstructured_sparsity(cfg)
     if method == "magnitude":
-        return magnitude_prune(w, s, cfg.pattern, cfg.per_row, name)
+        return magnitude_prune(w, s, cfg.nm, cfg.per_row, name)
     if method == "wanda":
-        return wanda_prune(w, torch.diag(stats["H"]), s, cfg.pattern, cfg.per_row, name)
-    return sparsegpt_prune(w, stats["H"], s, cfg.pattern, cfg.block, cfg.damp, name)
+        return wanda_prune(w, torch.diag(stats["H"]), s, cfg.nm, cfg.per_row, name)
+    return sparsegpt_prune(w, stats["H"], s, cfg.nm, cfg.block, cfg.damp, name)
 
 
 @torch.no_grad()
 def prune_model(model, cfg, calib: torch.Tensor | None = None) -> dict:
     """Apply a ``PruneConfig`` in place; returns metadata (structured sizes, per-linear sparsity and format)."""
-    from ..quant.apply import _collect, _run_layer, _set
-
     check_plan(model, cfg)
     needs_calib = cfg.structured is not None or cfg.method in ("wanda", "sparsegpt")
     if needs_calib and calib is None:
         raise SlimswarmError(f"prune method {cfg.method}{' / structured' if cfg.structured else ''} needs calibration text")
     meta: dict = {}
     model.clear_cache()
+    nm = cfg.nm
     if cfg.structured is not None and (cfg.structured.heads or cfg.structured.channels or cfg.structured.layers):
         st = cfg.structured
-        nm = parse_pattern(cfg.pattern)
         meta["structured"] = structured_prune(model, calib, st.heads, st.channels, st.layers, nm[1] if nm else 1,
                                                scope=st.scope)
-    nm = parse_pattern(cfg.pattern)
     if not (unstructured_sparsity(cfg) > 0):
         return meta
     layers_meta: dict[str, dict] = {}
     calibrated = cfg.method in ("wanda", "sparsegpt")
-    x = cos = sin = None
-    if calibrated:
-        x = model.model.embed_tokens(calib).to(model.dtype)
-        cos, sin = model.rope(torch.arange(calib.shape[1]).expand(1, -1), x.dtype)
-    label = f"prune ({cfg.method}, {cfg.pattern if nm else f'{cfg.sparsity:.0%}'})"
-    for li, layer in progress(list(enumerate(model.model.layers)), label):
-        names = _targets(layer, li, cfg.targets)
-        stats = _collect(layer, x, cos, sin, names) if calibrated and names else {}
+
+    def visit(li, layer, names, stats):
         for name, lin in names.items():
             w = prune_weight(cfg.method, lin.weight.detach(), stats.get(name), cfg, name)
             lin.weight.data.copy_(w)
             layers_meta[name] = {"sparsity": round(sparsity_of(lin.weight), 6)}
-        if calibrated:  # the next layer sees this layer's pruned outputs
-            x = _run_layer(layer, x, cos, sin)
+
+    label = f"prune ({cfg.method}, {cfg.pattern if nm else f'{cfg.sparsity:.0%}'})"
+    walk_layers(model, calib if calibrated else None, label, visit,
+                select=lambda li, layer: layer_linears(layer, li, cfg.targets), dtype=model.dtype)
     if cfg.storage == "sparse":
         for name, info in layers_meta.items():
             lin = model.get_submodule(name)
             sp = SparseLinear.from_dense(lin.weight.detach(), lin.bias, nm)
-            _set(model, name, sp)
+            set_module(model, name, sp)
             info["format"] = sp.fmt
     meta["layers"] = layers_meta
     return meta

@@ -20,6 +20,13 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
+def nm_of(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """An already-parsed (N, M) or None as it is (what a validated ``PruneConfig.nm`` holds); a string is parsed."""
+    if pattern is None or isinstance(pattern, tuple):
+        return pattern
+    return parse_pattern(pattern)
+
+
 def check_sparsity(sparsity: float, where: str = "sparsity") -> float:
     if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1) or math.isnan(sparsity):
         raise SlimswarmError(f"{where}: {sparsity!r} is outside [0, 1)")
@@ -59,9 +66,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, name: str = "weight") -> torch
     return keep.view(out, width)
 
 
-def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured", per_row: bool = True,
-              name: str = "weight") -> torch.Tensor:
-    nm = parse_pattern(pattern)
+def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str | tuple[int, int] | None = "unstructured",
+              per_row: bool = True, name: str = "weight") -> torch.Tensor:
+    nm = nm_of(pattern)
     if nm is None:
         return row_topk_mask(scores, sparsity, per_row)
     return nm_mask(scores, *nm, name=name)

@@ -139,6 +139,20 @@ class SparseLinear(nn.Module):
         spec["dtype"] = getattr(torch, spec.get("dtype", "float32"))
         return cls(**spec)
 
+    def check_loaded(self, source: str) -> None:
+        """After loading from a file: the indices must stay inside the matrix (a corrupt CSR index would otherwise
+        write outside the dense weight), and the value count must match the pattern."""
+        if self.fmt == "csr":
+            crow = self.crow.long()
+            ok = (int(crow[0]) == 0 and int(crow[-1]) == self.nnz and bool((torch.diff(crow) >= 0).all())
+                  and (self.nnz == 0 or 0 <= int(self.col.min()) and int(self.col.max()) < self.in_features))
+            if not ok:
+                raise SlimswarmError(f"{source}: CSR row pointers or column indices out of range")
+        elif self.fmt == "bitmask":
+            kept = int(unpack_bits(self.mask, self.in_features).sum())
+            if kept != self.nnz:
+                raise SlimswarmError(f"{source}: bitmask keeps {kept} values, the layer stores {self.nnz}")
+
     # ------------------------------------------------------------------ dense view and forward
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:

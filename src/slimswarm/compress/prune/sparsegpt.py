@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import check_nm, check_sparsity, n_pruned, parse_pattern
+from .masks import check_nm, check_sparsity, n_pruned, nm_of
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,13 +20,14 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5, pattern: str = "unstructured",
+def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.5,
+                    pattern: str | tuple[int, int] | None = "unstructured",
                     block: int = 128, damp: float = 0.01, name: str = "weight") -> torch.Tensor:
     """Weight [out, in] and H = XᵀX [in, in] → the pruned, reconstructed weight (same dtype).
 
     Unstructured: each row drops its ``sparsity`` fraction within every block of columns, chosen by the OBS
     saliency w² / [H⁻¹]_jj² on the weights as updated so far. N:M: the saliency picks M−N of every M columns."""
-    nm = parse_pattern(pattern)
+    nm = nm_of(pattern)
     if nm is None:
         check_sparsity(sparsity, f"{name}: sparsity")
     W = w.detach().float().clone()

@@ -25,6 +25,7 @@ from torch import nn
 from ...errors import SlimswarmError
 from ...models.llama import Linear
 from ...progress import progress
+from ..layerwise import calibration_inputs, run_layer
 
 
 def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -103,12 +104,9 @@ def remove_layers(model, drop: list[int]) -> int:
 @torch.no_grad()
 def structured_scores(model, calib: torch.Tensor) -> dict[str, list[torch.Tensor] | torch.Tensor]:
     """One calibration pass: per layer, head-group scores [kv], channel scores [intermediate], block influence."""
-    from ..quant.apply import _run_layer
-
     cfg = model.config
     model.clear_cache()
-    x = model.model.embed_tokens(calib).to(model.dtype)
-    cos, sin = model.rope(torch.arange(calib.shape[1]).expand(1, -1), x.dtype)
+    x, cos, sin = calibration_inputs(model, calib, model.dtype)
     heads, chans, bi = [], [], []
     for li, layer in progress(list(enumerate(model.model.layers)), "structured scores"):
         attn, mlp = layer.self_attn, layer.mlp
@@ -128,7 +126,7 @@ def structured_scores(model, calib: torch.Tensor) -> dict[str, list[torch.Tensor
 
         hooks = [attn.o_proj.register_forward_hook(o_hook), mlp.down_proj.register_forward_hook(d_hook)]
         try:
-            y = _run_layer(layer, x, cos, sin)
+            y = run_layer(layer, x, cos, sin)
         finally:
             for h in hooks:
                 h.remove()

@@ -12,7 +12,7 @@ def wanda_scores(w: torch.Tensor, act_sq: torch.Tensor) -> torch.Tensor:
     return w.detach().float().abs() * act_sq.float().clamp_min(0).sqrt()[None, :]
 
 
-def wanda_prune(w: torch.Tensor, act_sq: torch.Tensor, sparsity: float, pattern: str = "unstructured",
+def wanda_prune(w: torch.Tensor, act_sq: torch.Tensor, sparsity: float, pattern: str | tuple[int, int] | None = "unstructured",
                 per_row: bool = True, name: str = "weight") -> torch.Tensor:
     """A pruned copy of ``w``; no weight update (the paper's point: the score alone is enough)."""
     keep = keep_mask(wanda_scores(w, act_sq), sparsity, pattern, per_row, name)

@@ -7,17 +7,20 @@ replaced by ``QuantLinear`` modules, and the embeddings / LM head become int8 ro
 from __future__ import annotations
 
 import fnmatch
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ...errors import SlimswarmError
-from ...progress import progress
-from ..recipe import QuantizeConfig
+from ..layerwise import set_module, walk_layers
 from .awq import awq_search
 from .gptq import gptq_quantize
 from .linear import QuantEmbedding, QuantLinear
 from .rtn import rtn_quantize
+
+if TYPE_CHECKING:  # the config type only: importing recipe here would close a circle (recipe imports this lazily)
+    from ..recipe import QuantizeConfig
 
 
 def effective_group(in_features: int, cfg_group: int, fallback: bool, name: str) -> int:
@@ -45,28 +48,40 @@ def layer_plan(name: str, lin: nn.Linear, cfg: QuantizeConfig) -> tuple[int, int
     return bits, effective_group(lin.in_features, gs, cfg.group_fallback, name)
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+def check_quantize_plan(model, cfg: QuantizeConfig) -> None:
+    """Fail before any calibration: every decoder linear's grouping, or (mixed precision) the budget's range."""
+    if cfg.budgeted:
+        from .mixed import check_budget
+
+        check_budget(model, cfg)
+        return
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            layer_plan(name, mod, cfg)
 
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
 
-def quantize_head(model, bits: int = 8) -> dict:
-    """Embeddings and LM head as int8 rows (per-row scale); tied ones stay one table."""
+def head_codes(w: torch.Tensor, bits: int, group_size: int = -1, search: bool = False):
+    """(codes, scales, zeros) of an embedding / LM head table: RTN, with the range search when asked."""
+    return rtn_quantize(w.detach().float(), bits, group_size, search=search)
+
+
+def quantize_head(model, bits: int = 8, group_size: int = -1, search: bool = False) -> dict:
+    """Embeddings and LM head as integer rows (int8 per row by default); tied ones stay one table."""
     head = model.lm_head
-    codes, s, z = rtn_quantize(head.weight.detach(), bits, -1)
-    qhead = QuantLinear.from_codes(codes, s, z, bits)
+    qhead = QuantLinear.from_codes(*head_codes(head.weight, bits, group_size, search), bits)
     tied = model.config.tie_word_embeddings
     model.lm_head = qhead
     if tied:
         model.model.embed_tokens = QuantEmbedding(qhead, shared=True)
     else:
-        ec, es, ez = rtn_quantize(model.model.embed_tokens.weight.detach(), bits, -1)
-        model.model.embed_tokens = QuantEmbedding(QuantLinear.from_codes(ec, es, ez, bits), shared=False)
-    return {"bits": bits, "group_size": -1, "tied": tied}
+        emb = model.model.embed_tokens.weight
+        model.model.embed_tokens = QuantEmbedding(QuantLinear.from_codes(*head_codes(emb, bits, group_size, search),
+                                                                         bits), shared=False)
+    return {"bits": bits, "group_size": qhead.group_size if group_size != -1 else -1, "tied": tied}
 
 
 @torch.no_grad()
@@ -74,23 +89,33 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
     """Quantize ``model`` in place; returns per-module metadata {name: {bits, group_size, ...}}."""
     if is_quantized(model):
         raise SlimswarmError("model is already quantized: quantize its float parent instead")
-    needs_calib = cfg.method in ("gptq", "awq")
+    if cfg.budgeted:
+        from .mixed import check_budget
+
+        check_budget(model, cfg)  # a bad budget fails before anything else, with the reachable range
+    needs_calib = cfg.needs_calibration
     if needs_calib and calib is None:
-        raise SlimswarmError(f"method {cfg.method} needs calibration text")
+        if cfg.budgeted:
+            raise SlimswarmError("quantize.budget: the sensitivity pass needs calibration text")
+        what = f"method {cfg.method}" if cfg.method != "rtn" else f"range_search {cfg.range_search}"
+        raise SlimswarmError(f"{what} needs calibration text")
+    search = cfg.range_search != "minmax"
+    imatrix = cfg.range_search == "imatrix"
     meta: dict[str, dict] = {}
-    model.clear_cache()
-    layers = model.model.layers
-    x = None
-    if needs_calib:
-        x = model.model.embed_tokens(calib).float()
-        n, t = calib.shape
-        cos, sin = model.rope(torch.arange(t).expand(1, t), torch.float32)
-    for li, layer in progress(list(enumerate(layers)), f"quantize ({cfg.method}, {cfg.bits}-bit)"):
-        names = {f"model.layers.{li}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        plans = {n: layer_plan(n, m, cfg) for n, m in names.items()}
-        stats: dict[str, dict] = {}
-        if needs_calib:
-            stats = _collect(layer, x, cos, sin, names)
+    mixed = None
+    if cfg.budgeted:
+        from .formats import WeightFormat
+        from .mixed import plan_mixed
+
+        mixed = plan_mixed(model, cfg, calib)
+        chosen = {n: WeightFormat.parse(f) for n, f in mixed["formats"].items()}
+        head_fmt = chosen.pop("lm_head", None)
+
+    def visit(li, layer, names, stats):
+        if mixed is None:
+            plans = {n: layer_plan(n, m, cfg) for n, m in names.items()}
+        else:
+            plans = {n: (chosen[n].bits, chosen[n].group_size) for n in names}
         if cfg.method == "awq":
             _awq_layer(layer, li, stats, plans, cfg, meta)
         for name, lin in names.items():
@@ -100,57 +125,26 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
             bits, gs = plan
             w = lin.weight.detach().float()
             if cfg.method == "gptq":
-                codes, s, z = gptq_quantize(w, stats[name]["H"], bits, gs, cfg.symmetric, cfg.act_order, cfg.damp)
+                codes, s, z = gptq_quantize(w, stats[name]["H"], bits, gs, cfg.symmetric, cfg.act_order, cfg.damp,
+                                            search=search, importance=imatrix)
             else:
-                codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric, per_tensor=cfg.per_tensor)
+                imp = torch.diag(stats[name]["H"]) if imatrix else None
+                codes, s, z = rtn_quantize(w, bits, gs, cfg.symmetric, per_tensor=cfg.per_tensor, search=search,
+                                           importance=imp)
             q = QuantLinear.from_codes(codes, s, z, bits, lin.bias)
-            _set(model, name, q)
+            set_module(model, name, q)
             meta.setdefault(name, {}).update(bits=bits, group_size=q.group_size,
                                              **({"per_tensor": True} if cfg.per_tensor else {}))
-        if needs_calib:  # the next layer sees this layer's quantized outputs
-            x = _run_layer(layer, x, cos, sin)
-    if cfg.head_bits:
+
+    label = f"quantize ({cfg.method}, {'mixed' if mixed else f'{cfg.bits}-bit'})"
+    walk_layers(model, calib if needs_calib else None, label, visit)
+    if mixed is not None and head_fmt is not None:
+        meta["lm_head"] = quantize_head(model, head_fmt.bits, head_fmt.group_size, search)
+    elif cfg.head_bits:
         meta["lm_head"] = quantize_head(model, cfg.head_bits)
+    if mixed is not None:
+        meta["plan"] = mixed
     return meta
-
-
-def _run_layer(layer, x, cos, sin, chunk: int = 8):
-    """One decoder layer over calibration sequences, as plain full-sequence forwards: a KV cache the model may hold
-    (from generation or an engine) is set aside, never written."""
-    attn = layer.self_attn
-    cache, attn.cache = attn.cache, None
-    try:
-        outs = []
-        for i in range(0, x.shape[0], chunk):
-            xb = x[i : i + chunk]
-            outs.append(layer(xb, cos, sin, 0, None, xb.shape[1]))
-        return torch.cat(outs)
-    finally:
-        attn.cache = cache
-
-
-def _collect(layer, x, cos, sin, names: dict[str, nn.Linear], keep_tokens: int = 4096) -> dict[str, dict]:
-    """Hessians X^T X and a token sample of each linear's inputs, from one pass of the layer."""
-    stats = {n: {"H": torch.zeros(m.in_features, m.in_features), "n": 0, "x": []} for n, m in names.items()}
-    hooks = []
-    for n, m in names.items():
-        def hook(mod, inp, out, n=n):
-            a = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            st = stats[n]
-            st["H"] += a.T @ a
-            st["n"] += a.shape[0]
-            if sum(len(v) for v in st["x"]) < keep_tokens:
-                st["x"].append(a[: keep_tokens // 4])
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        _run_layer(layer, x, cos, sin)
-    finally:
-        for h in hooks:
-            h.remove()
-    for st in stats.values():
-        st["H"] *= 2.0 / max(st["n"], 1)
-        st["x"] = torch.cat(st["x"])[:keep_tokens]
-    return stats
 
 
 def _awq_layer(layer, li: int, stats, plans, cfg: QuantizeConfig, meta: dict) -> None:

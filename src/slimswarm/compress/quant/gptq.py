@@ -6,12 +6,18 @@ from __future__ import annotations
 import torch
 
 from .rtn import check_grouping, minmax_params, quantize_codes
+from .search import search_params
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                   act_order: bool = False, damp: float = 0.01, block: int = 128,
-                  scale_dtype: torch.dtype = torch.float16):
-    """Weight [out, in] and H = X^T X [in, in] → (codes uint8 [out, in], scales [out, G], zeros uint8 [out, G])."""
+                  scale_dtype: torch.dtype = torch.float16, search: bool = False, importance: bool = False):
+    """Weight [out, in] and H = X^T X [in, in] → (codes uint8 [out, in], scales [out, G], zeros uint8 [out, G]).
+
+    ``search``: each group's scale and zero point come from a range search (``search.search_params``) instead of
+    min-max, weighted by the input second moments diag(H) when ``importance``. With ``act_order`` the groups are
+    static: their parameters come from the original columns, so each group stays contiguous in storage and every
+    group kernel runs the result; only the order in which columns are rounded (and errors pushed) changes."""
     W = w.detach().float().clone()
     out, n = W.shape
     gs = check_grouping(n, group_size)
@@ -21,8 +27,14 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    def params(cols: torch.Tensor):
-        s, z = minmax_params(cols, bits, symmetric)
+    imp_all = torch.diag(H).clamp_min(0) if importance else None
+
+    def params(cols: torch.Tensor, c0: int = 0):
+        if search:
+            imp = None if imp_all is None else imp_all[c0 : c0 + cols.shape[1]]
+            s, z = search_params(cols, bits, symmetric, imp, scale_dtype=scale_dtype)
+        else:
+            s, z = minmax_params(cols, bits, symmetric)
         return s.to(scale_dtype).float(), z
 
     scales = torch.zeros(out, G)
@@ -30,7 +42,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     if act_order:
         # Static groups: parameters from the original columns, so groups stay contiguous in storage.
         for g in range(G):
-            scales[:, g], zeros[:, g] = params(W[:, g * gs : (g + 1) * gs])
+            scales[:, g], zeros[:, g] = params(W[:, g * gs : (g + 1) * gs], g * gs)
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -49,7 +61,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         Err = torch.zeros_like(W1)
         Hb = Hinv[i1:i2, i1:i2]
         if not act_order and gs < n:
-            scales[:, i1 // gs], zeros[:, i1 // gs] = params(W1)  # this group, with the errors pushed so far
+            scales[:, i1 // gs], zeros[:, i1 // gs] = params(W1, i1)  # this group, with the errors pushed so far
         elif not act_order and i1 == 0:
             scales[:, 0], zeros[:, 0] = params(W)  # per-channel
         for i in range(i2 - i1):

@@ -40,18 +40,28 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                 scale_dtype: torch.dtype = torch.float16, per_tensor: bool = False):
+                 scale_dtype: torch.dtype = torch.float16, per_tensor: bool = False, search: bool = False,
+                 importance: torch.Tensor | None = None):
     """Weight [out, in] → (codes uint8 [out, in], scales [out, G], zeros uint8 [out, G]).
 
     Scales are rounded to ``scale_dtype`` before the codes are computed, so the stored (fp16) scales
     are exactly the ones the codes were made for. ``per_tensor``: one scale and zero point for the whole
-    weight (stored repeated per row, so every kernel runs it; the overhead is 3 bytes a row)."""
+    weight (stored repeated per row, so every kernel runs it; the overhead is 3 bytes a row). ``search``: each group's
+    range is searched for the least squared error, weighted per input column by ``importance`` [in] when given
+    (``search.search_params``)."""
     out, inp = w.shape
     gs = inp if per_tensor else check_grouping(inp, group_size)
     wg = w.reshape(-1, gs)
     if per_tensor:
         scale, zero = minmax_params(w.reshape(1, -1), bits, symmetric)
         scale, zero = scale.expand(out), zero.expand(out)
+    elif search:
+        from .search import search_params
+
+        imp = None
+        if importance is not None:
+            imp = importance.float().view(1, inp // gs, gs).expand(out, -1, -1).reshape(-1, gs)
+        scale, zero = search_params(wg, bits, symmetric, imp, scale_dtype=scale_dtype)
     else:
         scale, zero = minmax_params(wg, bits, symmetric)
     scale = scale.to(scale_dtype).float()

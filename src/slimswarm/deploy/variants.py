@@ -1,0 +1,240 @@
+"""deploy/: the variants table: for one base and a list of recipes, each variant's bytes, quality (ΔPPL, KL, task
+accuracy) and measured decode speed and peak memory on this machine; the file the planner reads."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import SlimswarmError
+from .devices import Device, _pydantic_line, read_yaml, write_yaml_atomic
+
+FLOAT = "fp32"  # the variant name of the uncompressed base
+
+
+class Measured(BaseModel):
+    decode_tokens_per_s: float
+    peak_rss_bytes: int
+    batch: int
+    context: int
+    new_tokens: int
+
+
+class Variant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    recipe: str | None = None  # None: the base as loaded (float32)
+    checkpoint: str | None = None
+    params: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    weight_bytes: int = Field(gt=0)
+    bytes_by_format: dict[str, int]  # weight bytes one decode step reads, by format
+    kv_bytes_per_token: int = Field(gt=0)  # K and V of one token across all layers
+    hidden_size: int | None = None
+    layer_bytes: list[int] | None = None  # weight bytes of each decoder layer (for a pipeline split)
+    embed_bytes: int | None = None  # the embedding table (first stage)
+    head_bytes: int | None = None  # final norm + LM head (last stage; the table again when tied)
+    perplexity: float | None = None
+    delta_ppl: float | None = None  # perplexity / base perplexity - 1
+    kl: float | None = None  # nats per token against the base
+    accuracy: dict[str, float] = Field(default_factory=dict)  # task -> accuracy (label scoring)
+    measured: Measured | None = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(self.bytes_by_format.values())
+
+
+class VariantsTable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    text: str = ""  # what perplexity and KL were measured on
+    tokens: int = 0
+    machine: Device  # where the speeds were measured; its cost model is the default for devices without one
+    variants: list[Variant] = Field(min_length=1)
+
+    def get(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+
+def load_variants(path: str | Path) -> VariantsTable:
+    d = read_yaml(path, "--variants")
+    try:
+        t = VariantsTable.model_validate(d)
+    except ValidationError as e:
+        raise SlimswarmError(_pydantic_line(e, str(path))) from None
+    names = [v.name for v in t.variants]
+    for i, n in enumerate(names):
+        if names.count(n) > 1:
+            raise SlimswarmError(f"{path}: field variants.{i}.name: {n!r} is used twice")
+    if t.machine.cost is None:
+        raise SlimswarmError(f"{path}: field machine.cost: missing (run `slimswarm devices probe` for the cost fit)")
+    return t
+
+
+def kv_bytes_per_token(model, dtype_bytes: int | None = None) -> int:
+    c = model.config
+    b = dtype_bytes or torch_dtype_bytes(model)
+    return sum(2 * c.kv_heads(i) * c.head_dim * b for i in range(c.num_hidden_layers))
+
+
+def torch_dtype_bytes(model) -> int:
+    return model.dtype.itemsize
+
+
+# -- one variant's speed and peak memory, in a fresh process --------------------------------------------------------
+
+
+def measure_in_subprocess(checkpoint: str | Path, batch: int = 1, context: int = 256, new_tokens: int = 32,
+                          threads: int = 1) -> Measured:
+    """Peak RSS and decode tokens/s of a process that loads ``checkpoint`` and decodes ``new_tokens`` tokens for
+    ``batch`` rows after a ``context - new_tokens`` prompt: a process per variant, so each peak is its own."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SLIMSWARM_QUIET": "1"}
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "slimswarm.deploy.variants", str(checkpoint), str(batch), str(context),
+           str(new_tokens), str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode != 0:
+        raise SlimswarmError(f"measuring {checkpoint}: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}")
+    return Measured(**json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def vm_hwm_bytes() -> int:
+    """This process's peak resident bytes (VmHWM). Unlike ru_maxrss it starts afresh at exec, so a child started by
+    a large parent does not report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measure_main(checkpoint: str, batch: int, context: int, new_tokens: int, threads: int) -> None:
+    import torch
+
+    from ..evaluate.speed import decode_tokens_per_s
+    from ..models.load import load
+
+    torch.set_num_threads(threads)
+    m = load(checkpoint).model
+    rate = decode_tokens_per_s(m, batch, new_tokens, prompt_len=context - new_tokens, repeats=3)
+    print(json.dumps({"decode_tokens_per_s": rate, "peak_rss_bytes": vm_hwm_bytes(), "batch": batch,
+                      "context": context, "new_tokens": new_tokens}))
+
+
+# -- the table ----------------------------------------------------------------------------------------------------
+
+
+def describe(model, name: str, recipe: str | None) -> Variant:
+    from ..evaluate.size import weight_bytes
+    from .costmodel import bytes_by_format
+
+    v = Variant(name=name, recipe=recipe, params=model.num_parameters(), layers=model.config.num_hidden_layers,
+                weight_bytes=weight_bytes(model), bytes_by_format=bytes_by_format(model),
+                kv_bytes_per_token=kv_bytes_per_token(model))
+    add_layout(v, model)
+    return v
+
+
+def add_layout(v: Variant, model) -> Variant:
+    """Per-layer, embedding and head bytes: what a pipeline split needs."""
+    from ..evaluate.size import weight_bytes
+
+    v.hidden_size = model.config.hidden_size
+    v.layer_bytes = [weight_bytes(layer) for layer in model.model.layers]
+    v.embed_bytes = weight_bytes(model.model.embed_tokens) or weight_bytes(model.lm_head)  # tied: the head's table
+    v.head_bytes = weight_bytes(model.lm_head) + weight_bytes(model.model.norm)
+    return v
+
+
+def measure_variants(base: str, recipes: list[str], out_dir: str | Path, machine: Device, tokens: int = 4096,
+                     window: int = 512, kl_tokens: int = 2048, task_items: int = 64, tasks: tuple[str, ...] = ("sst2",),
+                     log=print) -> VariantsTable:
+    """Build each variant from ``base`` (``fp32`` is the base itself), save it under ``out_dir``, and measure it:
+    perplexity and KL on the first ``tokens`` of the evaluation text, label-scoring accuracy on ``task_items`` test
+    items per task, and decode speed and peak RSS in a fresh process. Progress goes to ``log``."""
+    import torch
+
+    from ..compress import compress
+    from ..compress.recipe import load_recipe
+    from ..data import default_eval_text
+    from ..evaluate.choice import choice_accuracy
+    from ..evaluate.kl import kl_divergence
+    from ..evaluate.perplexity import perplexity
+    from ..models.checkpoint import file_sha256, save_checkpoint
+    from ..models.load import load
+    from ..tasks import load_task
+
+    for r in recipes:
+        if r != FLOAT:
+            load_recipe(r)  # an unknown recipe fails before any work
+    out_dir = Path(out_dir)
+    text, source = default_eval_text()
+    log(f"variants: loading {base} ...")
+    ref = load(base, dtype=torch.float32)
+    items = {t: load_task(t, "test", n=task_items, seed=0) for t in tasks}
+    rows: list[Variant] = []
+    base_ppl = None
+    for k, r in enumerate(recipes, 1):
+        t0 = time.perf_counter()
+        name = FLOAT if r == FLOAT else r
+        log(f"[{k}/{len(recipes)}] {name}: building ...")
+        meta: dict = {}
+        if r == FLOAT:
+            model = ref.model
+        else:
+            model = copy.deepcopy(ref.model)
+            meta = compress(model, r, tokenizer=ref.tokenizer)
+        v = describe(model, name, None if r == FLOAT else r)
+        log(f"[{k}/{len(recipes)}] {name}: perplexity on {tokens} tokens, KL on {kl_tokens}, "
+            f"{task_items} items of {', '.join(tasks)} ...")
+        ppl = perplexity(model, ref.tokenizer, text, window, tokens, source=source).perplexity
+        base_ppl = base_ppl if base_ppl is not None else (ppl if r == FLOAT else None)
+        v.perplexity = ppl
+        if r != FLOAT:
+            v.kl = kl_divergence(ref.model, model, ref.tokenizer, text, window, kl_tokens)["kl"]
+        else:
+            v.kl = 0.0
+        v.accuracy = {t: choice_accuracy(model, ref.tokenizer, its)["accuracy"] for t, its in items.items()}
+        ck = out_dir / name
+        if not (ck / "slimswarm.json").exists():
+            save_checkpoint(model, ref.tokenizer, ck, {
+                "recipe": None if r == FLOAT else load_recipe(r).model_dump(),
+                "quantization": meta.get("quantization", {}),
+                "passes": {k: v for k, v in meta.items() if k != "quantization"},
+                "parent": {"source": ref.source, "sha256": file_sha256(ref.source)}}, overwrite=True)
+        v.checkpoint = str(ck)
+        log(f"[{k}/{len(recipes)}] {name}: decode speed and peak memory in a fresh process ...")
+        v.measured = measure_in_subprocess(ck, threads=machine.threads)
+        log(f"[{k}/{len(recipes)}] {name}: {v.weight_bytes / 1e6:.0f} MB, ppl {ppl:.2f}, KL {v.kl:.4f}, "
+            f"{v.measured.decode_tokens_per_s:.1f} tok/s, peak RSS {v.measured.peak_rss_bytes / 2**20:.0f} MiB "
+            f"({time.perf_counter() - t0:.0f} s)")
+        rows.append(v)
+        if model is not ref.model:
+            del model
+    if base_ppl is None:  # no fp32 row: ΔPPL against a fresh measurement of the base
+        base_ppl = perplexity(ref.model, ref.tokenizer, text, window, tokens, source=source).perplexity
+    for v in rows:
+        v.delta_ppl = v.perplexity / base_ppl - 1
+    return VariantsTable(base=base, text=source, tokens=tokens, machine=machine, variants=rows)
+
+
+def write_variants(table: VariantsTable, path: str | Path, command: str = "") -> Path:
+    header = f"# Variants table written by `{command}`\n" if command else ""
+    return write_yaml_atomic(table.model_dump(exclude_none=True), path, header)
+
+
+if __name__ == "__main__":  # the subprocess of measure_in_subprocess
+    a = sys.argv[1:]
+    _measure_main(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]))

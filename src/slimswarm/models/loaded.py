@@ -1,0 +1,17 @@
+"""The result of loading any checkpoint: (our model, tokenizer, source, kind, metadata); shared by load and checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .llama import CausalLM
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Loaded:
+    model: CausalLM
+    tokenizer: Tokenizer
+    source: str  # resolved path or hub id
+    kind: str  # "hf", "gguf", "llama2c", "slimswarm"
+    meta: dict
