@@ -5,10 +5,18 @@
  * registers (bf16, int8, int4 with per-group scale and zero point) and accumulate in fp32.
  * AVX2 + FMA only, so it runs on any x86-64-v3 CPU. Threads split the output rows. */
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define MAXM 8
+
+/* GNU OpenMP cannot run a team in a forked child (the parent's pool threads are gone and the first parallel
+ * region waits for them forever): after fork these kernels run on the calling thread only. */
+static volatile int forked_child = 0;
+static void mark_forked_child(void) { forked_child = 1; }
+__attribute__((constructor)) static void register_atfork(void) { pthread_atfork(NULL, NULL, mark_forked_child); }
+#define THREADS(n) (forked_child ? 1 : (n))
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -26,7 +34,7 @@ static inline __m256 load_bf16(const uint16_t *p) {
 /* y[M,N] = x[M,K] @ w[N,K]^T (+ bias). wbits: 32 = fp32 rows, 16 = bf16 rows. */
 void ss_linear_float(const float *x, const void *w, const float *bias, float *y,
                      int64_t M, int64_t N, int64_t K, int wbits, int nth) {
-#pragma omp parallel for num_threads(nth) schedule(static)
+#pragma omp parallel for num_threads(THREADS(nth)) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m++) {
             const float *xr = x + m * K;
@@ -113,7 +121,7 @@ void ss_linear_quant(const float *x, const uint8_t *q, const float *scale, const
     }
     const int64_t half = gs / 2;
     if (M == 1 && bits == 4) {
-#pragma omp parallel for num_threads(nth) schedule(static)
+#pragma omp parallel for num_threads(THREADS(nth)) schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *qr = q + n * (K / 2);
             __m256 acc = _mm256_setzero_ps();
@@ -148,7 +156,7 @@ void ss_linear_quant(const float *x, const uint8_t *q, const float *scale, const
         return;
     }
     const __m256i low4 = _mm256_set1_epi32(0xF);
-#pragma omp parallel for num_threads(nth) schedule(static)
+#pragma omp parallel for num_threads(THREADS(nth)) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         __m256 acc[MAXM];
         float corr[MAXM];

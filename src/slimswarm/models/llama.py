@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import native
 from ..errors import SlimswarmError
 
 SUPPORTED_ARCHITECTURES = {
@@ -461,6 +462,10 @@ class CausalLM(nn.Module):
         if cached and row0 + b > self.cache_batch:
             raise ValueError(f"rows {row0}..{row0 + b - 1} outside the cache's {self.cache_batch} rows")
         slots = slots.expand(b, t) if slots.dim() == 1 else slots
+        if t == 1 and cached and not hidden_only and b <= native.MAX_M and not torch.is_grad_enabled():
+            step = native.step_for(self)  # one C call for the whole decoder (kernels/decode.c), or None
+            if step is not None:
+                return step.decode(self, tokens[:, 0], slots[:, 0], pad, row0)[:, None].to(self.dtype)
         pos = slots if pad is None else (slots - pad[:, None]).clamp_min(0)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(pos, x.dtype)

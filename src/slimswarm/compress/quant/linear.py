@@ -222,6 +222,20 @@ class QuantLinear(nn.Module):
                 self._fbgemm()
         return self
 
+    def native_weight(self) -> dict | str:
+        """What the native decode step (kernels/native.py) reads: 8-bit or 4-bit codes with fp32 scale/zero [out, G]
+        (2/3 bits through the 4-bit copy), or the reason it cannot read this layer."""
+        if self.act_quant:
+            return "act_quant layer (fbgemm int8 activations)"
+        if self.bits in (2, 3) and self.low_memory:
+            return f"{self.bits}-bit low_memory layer (no 4-bit copy of the codes)"
+        if self.qweight.device.type != "cpu":
+            return f"weights on {self.qweight.device}"
+        s, z, _ = self._fp32_params()
+        return {"fmt": "q8" if self.bits == 8 else "q4", "codes": self.qweight if self.bits == 8 else self._codes4(),
+                "scale": s, "zero": z, "group_size": self.group_size,
+                "bias": None if self.bias is None else self.bias.detach().float().contiguous()}
+
     # ------------------------------------------------------------------ dispatch
     def supports(self, kernel: str, m: int, dtype: torch.dtype) -> bool:
         cpu = self.qweight.device.type == "cpu"

@@ -1,0 +1,872 @@
+/* slimswarm native decode step: one call runs the whole Llama-family decoder for M <= 8 rows (one new token each).
+ *
+ * At 135M parameters a PyTorch-dispatched decode pays ~200 kernel calls plus the small aten ops of norms, RoPE and
+ * attention per token; that fixed cost, not the weight reads, bounds it. Here one call does: embedding lookup,
+ * every layer (RMSNorm, Q/K/V, RoPE, attention over the caller's KV cache [rows, kv, slots, hd] with per-row slot and
+ * padding, o_proj + residual, gate/up + SiLU, down + residual), final norm and the LM head, logits into the caller's
+ * buffer. Weights are read where Python keeps them (fp32, bf16, uint8 codes, 4-bit codes two a byte), plus per-row
+ * LoRA slots from the adapter bank's stacked A/B.
+ *
+ * Threads: a persistent pool (workers spin a little, then sleep on a condition variable between calls); inside a
+ * call all threads run the layer loop together and meet at a spin barrier after each phase. Every thread prepares
+ * each matmul input privately (norm, int8 quantization, nibble-order permutation: O(M*K), cheap), so the only
+ * barriers are the ones the data flow needs (5 a layer). The pool is reset in a forked child and rebuilt lazily.
+ *
+ * The same source is built per ISA (AVX2+FMA, AVX-512 VNNI, AVX-VNNI); Python picks one from the CPU flags. */
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAXM 8
+#define MAXT 64
+
+enum { F_F32 = 0, F_BF16 = 1, F_Q8 = 2, F_Q4 = 3 };
+enum { C_F32 = 0, C_BF16 = 1 };
+
+typedef struct {
+    int32_t fmt, pad_;
+    int64_t N, K, gs;             /* out, in, group size (quantized) */
+    const void *w;                /* fp32 / bf16 [N,K]; uint8 codes [N,K] (Q8) or [N,K/2] low nibble = even column */
+    const float *scale, *zero;    /* quantized: fp32 [N, K/gs]; w = (q - zero) * scale */
+    const float *bias;            /* [N] or NULL */
+    const float *lora_a, *lora_b; /* A [slots*R, K], B [N, slots*R] (scaling folded in) or NULL */
+    int64_t lora_ld;              /* slots*R: the row stride of B */
+} ss_lin;
+
+typedef struct {
+    int32_t n_heads, n_kv;
+    int64_t inter;
+    const float *ln1, *ln2; /* fp32 [H] */
+    void *kc, *vc;          /* cache [rows, n_kv, cache_len, hd] */
+    ss_lin q, k, v, o, gate, up, down;
+} ss_layer;
+
+typedef struct {
+    int64_t vocab, hidden, head_dim, n_layers;
+    int64_t max_k;      /* the largest matmul input width */
+    int64_t max_q;      /* the largest n_heads*head_dim */
+    int64_t max_kv;     /* the largest n_kv*head_dim */
+    int64_t cache_rows, cache_len;
+    int32_t cache_dtype, lora_r;
+    int32_t act_int8, pad_;
+    float eps, pad2_;
+    const float *inv_freq; /* [head_dim/2] */
+    const float *norm;     /* [H] */
+    ss_lin embed, head;
+    ss_layer *layers;
+} ss_model;
+
+/* ------------------------------------------------------------------ thread pool */
+typedef void (*job_fn)(void *arg, int tid, int nth);
+
+static struct {
+    pthread_t th[MAXT];
+    int nth; /* threads including the caller; 0 or 1: no workers */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    atomic_int gen, done, stop;
+    job_fn fn;
+    void *arg;
+    int sleeping;
+    int atfork;
+} P = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+#define SPIN_IDLE 20000
+#define SPIN_BARRIER 2000
+
+static void *worker(void *p) {
+    int tid = (int)(intptr_t)p;
+    int seen = 0;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen) {
+            if (++spins < SPIN_IDLE) {
+                _mm_pause();
+                continue;
+            }
+            pthread_mutex_lock(&P.mu);
+            P.sleeping++;
+            while (atomic_load(&P.gen) == seen) pthread_cond_wait(&P.cv, &P.mu);
+            P.sleeping--;
+            pthread_mutex_unlock(&P.mu);
+        }
+        seen = atomic_load_explicit(&P.gen, memory_order_acquire);
+        if (atomic_load(&P.stop)) return NULL;
+        P.fn(P.arg, tid, P.nth);
+        atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+    }
+}
+
+static void pool_stop(void) {
+    if (P.nth <= 1) {
+        P.nth = 0;
+        return;
+    }
+    pthread_mutex_lock(&P.mu);
+    atomic_store(&P.stop, 1);
+    atomic_fetch_add(&P.gen, 1);
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    for (int i = 1; i < P.nth; i++) pthread_join(P.th[i], NULL);
+    atomic_store(&P.stop, 0);
+    atomic_store(&P.gen, 0);
+    P.nth = 0;
+}
+
+static void after_fork_child(void) {
+    /* the workers do not exist in the child: forget them, the next call starts new ones */
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    atomic_store(&P.gen, 0);
+    atomic_store(&P.done, 0);
+    atomic_store(&P.stop, 0);
+    P.sleeping = 0;
+    P.nth = 0;
+}
+
+/* (Re)start the pool with nth threads (the caller counts as one). Returns the thread count. */
+int ss_pool_init(int nth) {
+    if (nth < 1) nth = 1;
+    if (nth > MAXT) nth = MAXT;
+    if (!P.atfork) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        P.atfork = 1;
+    }
+    if (P.nth == nth) return nth;
+    pool_stop();
+    atomic_store(&P.gen, 0);
+    P.nth = nth;
+    for (int i = 1; i < nth; i++) {
+        if (pthread_create(&P.th[i], NULL, worker, (void *)(intptr_t)i) != 0) {
+            P.nth = i; /* run with the threads we got */
+            break;
+        }
+    }
+    return P.nth;
+}
+
+int ss_pool_threads(void) { return P.nth; }
+
+static void pool_run(job_fn fn, void *arg, int nth) {
+    if (P.nth != nth) ss_pool_init(nth);
+    if (P.nth <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    P.fn = fn;
+    P.arg = arg;
+    atomic_store(&P.done, 0);
+    pthread_mutex_lock(&P.mu);
+    atomic_fetch_add_explicit(&P.gen, 1, memory_order_release);
+    if (P.sleeping) pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    fn(arg, 0, P.nth);
+    int spins = 0;
+    while (atomic_load_explicit(&P.done, memory_order_acquire) < P.nth - 1) {
+        if (++spins > SPIN_BARRIER) {
+            sched_yield();
+            spins = 0;
+        } else
+            _mm_pause();
+    }
+}
+
+typedef struct {
+    atomic_int count, sense;
+} barrier_t;
+
+static void barrier(barrier_t *b, int nth, int *local) {
+    if (nth <= 1) return;
+    int s = !*local;
+    *local = s;
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->sense, s, memory_order_release);
+    } else {
+        int spins = 0;
+        while (atomic_load_explicit(&b->sense, memory_order_acquire) != s) {
+            if (++spins > SPIN_BARRIER) { /* the machine is oversubscribed: let the late thread run */
+                sched_yield();
+                spins = 0;
+            } else
+                _mm_pause();
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ small vector helpers */
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_hadd_ps(lo, lo);
+    lo = _mm_hadd_ps(lo, lo);
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float bf16f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline __m256 load_bf16(const uint16_t *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
+    }
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+static inline float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        a0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(load_bf16(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load_bf16(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load_bf16(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < n; k++) s += bf16f(w[k]) * x[k];
+    return s;
+}
+
+/* u8 (a) x s8 (b) products, summed in fours into int32 lanes */
+static inline __m256i dot_u8s8(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, a, b);
+#else /* a <= 15 here (4-bit codes): the int16 pair sums of maddubs cannot saturate */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* full-range u8 codes x s8: VNNI directly, AVX2 through int16 (maddubs would saturate at 255*127*2) */
+static inline __m256i dot_u8s8_wide(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, a, b);
+#else
+    __m256i a0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(a)), a1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(a, 1));
+    __m256i b0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b)), b1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1));
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a0, b0), _mm256_madd_epi16(a1, b1)));
+#endif
+}
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* ------------------------------------------------------------------ matmul inputs, prepared once per thread */
+typedef struct {
+    const float *x; /* the input this was prepared from (identity check) */
+    int fmt, i8;
+    int64_t K, gs, M;
+    float *xp;    /* Q4: x permuted so a 32-byte block's low nibbles meet xp[0..32) and high ones xp[32..64) */
+    float *xs;    /* [M, G] group sums of x (fp32 path) */
+    int8_t *xq;   /* int8 path: quantized x (permuted like xp for Q4) */
+    int32_t *xqs; /* [M, G] group sums of xq */
+    float *xqsf;  /* the same as floats */
+    float sx[MAXM];
+} prep_t;
+
+/* Position of column c (within a group of gs) in the permuted order: 64-column blocks, then one 32-column block,
+ * then columns in place. Block of 2B columns: byte i holds columns 2i, 2i+1 -> slots i and B+i. */
+static void permute_group(const float *src, float *dst, int64_t gs) {
+    int64_t c = 0;
+    for (; c + 64 <= gs; c += 64)
+        for (int i = 0; i < 32; i++) {
+            dst[c + i] = src[c + 2 * i];
+            dst[c + 32 + i] = src[c + 2 * i + 1];
+        }
+    if (c + 32 <= gs) {
+        for (int i = 0; i < 16; i++) {
+            dst[c + i] = src[c + 2 * i];
+            dst[c + 16 + i] = src[c + 2 * i + 1];
+        }
+        c += 32;
+    }
+    for (; c < gs; c++) dst[c] = src[c];
+}
+
+static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i8) {
+    const int fmt = L->fmt;
+    if (fmt == F_F32 || fmt == F_BF16) return;
+    const int use8 = i8 && (fmt == F_Q8 || fmt == F_Q4);
+    if (p->x == x && p->fmt == fmt && p->gs == L->gs && p->K == L->K && p->i8 == use8 && p->M == M) return;
+    p->x = x, p->fmt = fmt, p->gs = L->gs, p->K = L->K, p->i8 = use8, p->M = M;
+    const int64_t K = L->K, gs = L->gs, G = K / gs;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        float *xp = p->xp + m * K;
+        if (fmt == F_Q4)
+            for (int64_t g = 0; g < G; g++) permute_group(xr + g * gs, xp + g * gs, gs);
+        else
+            memcpy(xp, xr, sizeof(float) * K);
+        if (!use8) {
+            for (int64_t g = 0; g < G; g++) {
+                float s = 0.f;
+                for (int64_t i = 0; i < gs; i++) s += xr[g * gs + i];
+                p->xs[m * G + g] = s;
+            }
+            continue;
+        }
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+        const float sx = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / sx;
+        p->sx[m] = sx;
+        int8_t *xq = p->xq + m * K;
+        for (int64_t k = 0; k < K; k++) xq[k] = (int8_t)lrintf(xp[k] * inv);
+        for (int64_t g = 0; g < G; g++) {
+            int32_t s = 0;
+            for (int64_t i = 0; i < gs; i++) s += xq[g * gs + i];
+            p->xqs[m * G + g] = s;
+            p->xqsf[m * G + g] = (float)s;
+        }
+    }
+}
+
+/* 32 4-bit codes of 16 bytes as low|high nibble bytes of one 256-bit vector (matches the 32-column permutation) */
+static inline __m256i nib16(const uint8_t *q) {
+    __m128i b = _mm_loadu_si128((const __m128i *)q), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+static inline void nib_to_ps(__m128i b, __m256 *f0, __m256 *f1) {
+    *f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    *f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+}
+
+/* sum_g scale[g] * zero[g] * xqs[g] over one weight row: the zero-point term of the int8 path, 8 groups a step */
+static inline float zero_term(const float *sc, const float *zp, const float *xq, int64_t G) {
+    __m256 a = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8)
+        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(zp + g)), _mm256_loadu_ps(xq + g), a);
+    float s = hsum(a);
+    for (; g < G; g++) s += sc[g] * zp[g] * xq[g];
+    return s;
+}
+
+/* The int8-activation fast paths: groups of a multiple of 32 columns (4 and 8 bits).
+ * Each weight block is loaded and unpacked once and meets every row of x; the int32 dot of a group becomes float
+ * once (one cvt + one fma a group and row). Inlined with M as a constant for M == 1 (decode of one sequence). */
+static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, const prep_t *p, const int64_t M,
+                                                          int64_t n0, int64_t n1, float *y, int64_t ys, int add) {
+    const int64_t K = L->K, gs = L->gs, G = K / gs;
+    const int q4 = L->fmt == F_Q4;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    for (int64_t n = n0; n < n1; n++) {
+        const float *sc = L->scale + n * G, *zp = L->zero + n * G;
+        const uint8_t *qr = (const uint8_t *)L->w + n * (q4 ? K / 2 : K);
+        __m256 acc[MAXM];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            __m256i d[MAXM];
+            for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
+            if (q4) {
+                const uint8_t *qg = qr + g * gs / 2;
+                int64_t c = 0;
+                for (; c + 64 <= gs; c += 64) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c / 2));
+                    const __m256i lo = _mm256_and_si256(w, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4);
+                    for (int64_t m = 0; m < M; m++) {
+                        const int8_t *xg = p->xq + m * K + g * gs + c;
+                        d[m] = dot_u8s8(d[m], lo, _mm256_loadu_si256((const __m256i *)xg));
+                        d[m] = dot_u8s8(d[m], hi, _mm256_loadu_si256((const __m256i *)(xg + 32)));
+                    }
+                }
+                if (c < gs) { /* a last block of 32 columns (groups of 96, 160, ...) */
+                    const __m256i w = nib16(qg + c / 2);
+                    for (int64_t m = 0; m < M; m++)
+                        d[m] = dot_u8s8(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
+                }
+            } else {
+                const uint8_t *qg = qr + g * gs;
+                for (int64_t c = 0; c < gs; c += 32) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c));
+                    for (int64_t m = 0; m < M; m++)
+                        d[m] = dot_u8s8_wide(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
+                }
+            }
+            const __m256 vs = _mm256_set1_ps(sc[g]);
+            for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), vs, acc[m]);
+        }
+        const float b = L->bias ? L->bias[n] : 0.f;
+        for (int64_t m = 0; m < M; m++) {
+            const float o = p->sx[m] * (hsum(acc[m]) - zero_term(sc, zp, p->xqsf + m * G, G)) + b;
+            if (add)
+                y[m * ys + n] += o;
+            else
+                y[m * ys + n] = o;
+        }
+    }
+}
+
+static void q_i8_fast_m1(const ss_lin *L, const prep_t *p, int64_t n0, int64_t n1, float *y, int64_t ys, int add) {
+    q_i8_fast(L, p, 1, n0, n1, y, ys, add);
+}
+
+static void q_i8_fast_m(const ss_lin *L, const prep_t *p, int64_t M, int64_t n0, int64_t n1, float *y, int64_t ys,
+                        int add) {
+    q_i8_fast(L, p, M, n0, n1, y, ys, add);
+}
+
+/* y[m, n] (+)= row n of L times prepared input, for n in [n0, n1). ys: row stride of y. */
+static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M, int64_t n0, int64_t n1, float *y,
+                     int64_t ys, int add) {
+    const int64_t K = L->K;
+    const int fmt = L->fmt;
+    if (p->i8 && (fmt == F_Q4 || fmt == F_Q8) && L->gs % 32 == 0) {
+        if (M == 1)
+            q_i8_fast_m1(L, p, n0, n1, y, ys, add);
+        else
+            q_i8_fast_m(L, p, M, n0, n1, y, ys, add);
+        return;
+    }
+    for (int64_t n = n0; n < n1; n++) {
+        float out[MAXM];
+        if (fmt == F_F32) {
+            const float *w = (const float *)L->w + n * K;
+            for (int64_t m = 0; m < M; m++) out[m] = dot_f32(w, x + m * K, K);
+        } else if (fmt == F_BF16) {
+            const uint16_t *w = (const uint16_t *)L->w + n * K;
+            for (int64_t m = 0; m < M; m++) out[m] = dot_bf16(w, x + m * K, K);
+        } else {
+            const int64_t gs = L->gs, G = K / gs;
+            const float *sc = L->scale + n * G, *zp = L->zero + n * G;
+            const int q4 = fmt == F_Q4;
+            const uint8_t *qr = (const uint8_t *)L->w + n * (q4 ? K / 2 : K);
+            if (p->i8) {
+                __m256 acc[MAXM];
+                float corr[MAXM];
+                for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps(), corr[m] = 0.f;
+                for (int64_t g = 0; g < G; g++) {
+                    const uint8_t *qg = qr + (q4 ? g * gs / 2 : g * gs);
+                    const __m256 vs = _mm256_set1_ps(sc[g]);
+                    for (int64_t m = 0; m < M; m++) {
+                        const int8_t *xg = p->xq + m * K + g * gs;
+                        __m256i d = _mm256_setzero_si256();
+                        int32_t tail = 0;
+                        int64_t c = 0;
+                        if (q4) {
+                            const __m256i lo4 = _mm256_set1_epi8(0x0F);
+                            for (; c + 64 <= gs; c += 64) {
+                                __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c / 2));
+                                d = dot_u8s8(d, _mm256_and_si256(w, lo4), _mm256_loadu_si256((const __m256i *)(xg + c)));
+                                d = dot_u8s8(d, _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4),
+                                             _mm256_loadu_si256((const __m256i *)(xg + c + 32)));
+                            }
+                            if (c + 32 <= gs) {
+                                d = dot_u8s8(d, nib16(qg + c / 2), _mm256_loadu_si256((const __m256i *)(xg + c)));
+                                c += 32;
+                            }
+                            for (; c < gs; c += 2) {
+                                uint8_t b = qg[c / 2];
+                                tail += (b & 15) * xg[c] + (b >> 4) * xg[c + 1];
+                            }
+                        } else {
+                            for (; c + 32 <= gs; c += 32)
+                                d = dot_u8s8_wide(d, _mm256_loadu_si256((const __m256i *)(qg + c)),
+                                                  _mm256_loadu_si256((const __m256i *)(xg + c)));
+                            for (; c < gs; c++) tail += qg[c] * xg[c];
+                        }
+                        if (tail) d = _mm256_add_epi32(d, _mm256_setr_epi32(tail, 0, 0, 0, 0, 0, 0, 0));
+                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), vs, acc[m]);
+                        corr[m] += sc[g] * zp[g] * (float)p->xqs[m * G + g];
+                    }
+                }
+                for (int64_t m = 0; m < M; m++) out[m] = p->sx[m] * (hsum(acc[m]) - corr[m]);
+            } else {
+                float acc[MAXM], corr[MAXM];
+                for (int64_t m = 0; m < M; m++) acc[m] = corr[m] = 0.f;
+                for (int64_t g = 0; g < G; g++) {
+                    const uint8_t *qg = qr + (q4 ? g * gs / 2 : g * gs);
+                    for (int64_t m = 0; m < M; m++) {
+                        const float *xg = p->xp + m * K + g * gs;
+                        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                        float tail = 0.f;
+                        int64_t c = 0;
+                        if (q4) {
+                            const __m128i lo4 = _mm_set1_epi8(0x0F);
+                            /* 16 bytes of a 64-column block (half h = 0 or 1): low nibbles meet xp[blk + 16h ..],
+                             * high ones xp[blk + 32 + 16h ..]; a lone 32-column block: xp[c ..] and xp[c + 16 ..] */
+                            for (; c + 32 <= gs; c += 32) {
+                                const int64_t blk = c - c % 64;
+                                const int in64 = blk + 64 <= gs;
+                                const float *xl = in64 ? xg + blk + (c % 64) / 2 : xg + c;
+                                const float *xh = in64 ? xl + 32 : xl + 16;
+                                __m128i b = _mm_loadu_si128((const __m128i *)(qg + c / 2));
+                                __m256 l0, l1, h0, h1;
+                                nib_to_ps(_mm_and_si128(b, lo4), &l0, &l1);
+                                nib_to_ps(_mm_and_si128(_mm_srli_epi16(b, 4), lo4), &h0, &h1);
+                                a0 = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xl), a0);
+                                a1 = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xl + 8), a1);
+                                a2 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xh), a2);
+                                a3 = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xh + 8), a3);
+                            }
+                            for (; c < gs; c += 2) {
+                                uint8_t b = qg[c / 2];
+                                tail += (float)(b & 15) * xg[c] + (float)(b >> 4) * xg[c + 1];
+                            }
+                        } else {
+                            for (; c + 16 <= gs; c += 16) {
+                                __m128i b = _mm_loadu_si128((const __m128i *)(qg + c));
+                                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_loadu_ps(xg + c), a0);
+                                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
+                                                     _mm256_loadu_ps(xg + c + 8), a1);
+                            }
+                            for (; c < gs; c++) tail += (float)qg[c] * xg[c];
+                        }
+                        acc[m] += sc[g] * (hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail);
+                        corr[m] += sc[g] * zp[g] * p->xs[m * G + g];
+                    }
+                }
+                for (int64_t m = 0; m < M; m++) out[m] = acc[m] - corr[m];
+            }
+        }
+        const float b = L->bias ? L->bias[n] : 0.f;
+        for (int64_t m = 0; m < M; m++) {
+            if (add)
+                y[m * ys + n] += out[m] + b;
+            else
+                y[m * ys + n] = out[m] + b;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ one decode call */
+typedef struct {
+    const ss_model *md;
+    int64_t M, row0;
+    const int64_t *tok, *slot, *pad;
+    const int32_t *lslot; /* per-row LoRA slot (0: none) or NULL */
+    float *logits;
+    float *x, *q, *k, *v, *att, *h, *h2; /* shared activations */
+    float *cs, *sn; /* [M, head_dim/2] RoPE cos/sin of each row's position (the same in every layer) */
+    barrier_t bar;
+    /* per thread */
+    struct thread_buf {
+        float *xn, *xp, *xs, *lt, *sc;
+        int8_t *xq;
+        int32_t *xqs;
+        float *xqsf;
+        prep_t prep;
+    } tb[MAXT];
+} ss_ctx;
+
+static void *amalloc(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (n + 63) / 64 * 64 + 64)) return NULL;
+    memset(p, 0, n);
+    return p;
+}
+
+void ss_ctx_free(ss_ctx *c);
+
+ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
+    if (nth > MAXT) nth = MAXT;
+    ss_ctx *c = (ss_ctx *)calloc(1, sizeof(ss_ctx));
+    if (!c) return NULL;
+    const int64_t H = md->hidden, KX = md->max_k, R = md->lora_r > 0 ? md->lora_r : 1;
+    c->x = amalloc(sizeof(float) * MAXM * H);
+    c->q = amalloc(sizeof(float) * MAXM * (md->max_q + 8));
+    c->k = amalloc(sizeof(float) * MAXM * (md->max_kv + 8));
+    c->v = amalloc(sizeof(float) * MAXM * (md->max_kv + 8));
+    c->att = amalloc(sizeof(float) * MAXM * (md->max_q + 8));
+    c->h = amalloc(sizeof(float) * MAXM * (KX + 8));
+    c->h2 = amalloc(sizeof(float) * MAXM * (KX + 8));
+    c->cs = amalloc(sizeof(float) * MAXM * (md->head_dim + 8));
+    c->sn = amalloc(sizeof(float) * MAXM * (md->head_dim + 8));
+    int ok = c->x && c->q && c->k && c->v && c->att && c->h && c->h2 && c->cs && c->sn;
+    for (int t = 0; t < nth && ok; t++) {
+        struct thread_buf *b = &c->tb[t];
+        b->xn = amalloc(sizeof(float) * MAXM * (KX + 8));
+        b->xp = amalloc(sizeof(float) * MAXM * (KX + 64));
+        b->xs = amalloc(sizeof(float) * MAXM * (KX + 8));
+        b->xq = amalloc(MAXM * (KX + 64));
+        b->xqs = amalloc(sizeof(int32_t) * MAXM * (KX + 8));
+        b->xqsf = amalloc(sizeof(float) * MAXM * (KX + 8));
+        b->lt = amalloc(sizeof(float) * MAXM * R);
+        b->sc = amalloc(sizeof(float) * (md->cache_len + 16));
+        ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->xqsf && b->lt && b->sc;
+    }
+    if (!ok) {
+        ss_ctx_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+void ss_ctx_free(ss_ctx *c) {
+    if (!c) return;
+    free(c->x), free(c->q), free(c->k), free(c->v), free(c->att), free(c->h), free(c->h2), free(c->cs), free(c->sn);
+    for (int t = 0; t < MAXT; t++) {
+        struct thread_buf *b = &c->tb[t];
+        free(b->xn), free(b->xp), free(b->xs), free(b->xq), free(b->xqs), free(b->xqsf), free(b->lt), free(b->sc);
+    }
+    free(c);
+}
+
+static inline void slice(int64_t N, int tid, int nth, int64_t *n0, int64_t *n1) {
+    /* contiguous slices, cut on multiples of 8 rows so threads do not share cache lines of y */
+    int64_t blocks = (N + 7) / 8;
+    *n0 = blocks * tid / nth * 8;
+    *n1 = blocks * (tid + 1) / nth * 8;
+    if (*n0 > N) *n0 = N;
+    if (*n1 > N) *n1 = N;
+}
+
+static void rmsnorm(const float *x, const float *w, float *y, int64_t M, int64_t H, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * H;
+        float ss = 0.f;
+        for (int64_t i = 0; i < H; i++) ss += xr[i] * xr[i];
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+        for (int64_t i = 0; i < H; i++) y[m * H + i] = w[i] * (xr[i] * r);
+    }
+}
+
+static void job(void *arg, int tid, int nth);
+
+/* Run one decode step: tokens [M] at cache slots slot[M] (pad[M] leading padded slots or NULL) of cache rows
+ * row0..row0+M-1; logits [M, vocab]. Returns 0, or -1 for bad arguments. */
+int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, const int64_t *slot, const int64_t *pad,
+              int64_t row0, const int32_t *lslot, float *logits, int nth) {
+    if (M < 1 || M > MAXM || row0 < 0 || row0 + M > md->cache_rows) return -1;
+    for (int64_t m = 0; m < M; m++)
+        if (slot[m] < 0 || slot[m] >= md->cache_len || tok[m] < 0 || tok[m] >= md->vocab) return -1;
+    if (nth > MAXT) nth = MAXT;
+    for (int t = 0; t < nth; t++)
+        if (!c->tb[t].xn) nth = t; /* the context was made for fewer threads */
+    if (nth < 1) nth = 1;
+    c->md = md, c->M = M, c->row0 = row0, c->tok = tok, c->slot = slot, c->pad = pad, c->lslot = lslot;
+    c->logits = logits;
+    for (int t = 0; t < nth; t++) c->tb[t].prep.x = NULL;
+    /* embedding rows (cheap; done by the caller before the threads start) */
+    const int64_t H = md->hidden;
+    const ss_lin *E = &md->embed;
+    for (int64_t m = 0; m < M; m++) {
+        float *xr = c->x + m * H;
+        const int64_t t = tok[m];
+        if (E->fmt == F_F32)
+            memcpy(xr, (const float *)E->w + t * H, sizeof(float) * H);
+        else if (E->fmt == F_BF16)
+            for (int64_t i = 0; i < H; i++) xr[i] = bf16f(((const uint16_t *)E->w)[t * H + i]);
+        else {
+            const int64_t gs = E->gs, G = H / gs;
+            const float *sc = E->scale + t * G, *zp = E->zero + t * G;
+            const uint8_t *q = (const uint8_t *)E->w + t * (E->fmt == F_Q4 ? H / 2 : H);
+            for (int64_t i = 0; i < H; i++) {
+                const int code = E->fmt == F_Q4 ? ((q[i / 2] >> ((i & 1) * 4)) & 15) : q[i];
+                xr[i] = ((float)code - zp[i / gs]) * sc[i / gs];
+            }
+        }
+    }
+    const int64_t half = md->head_dim / 2;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t p = slot[m] - (pad ? pad[m] : 0);
+        const float pos = (float)(p < 0 ? 0 : p);
+        for (int64_t i = 0; i < half; i++) {
+            const float f = pos * md->inv_freq[i]; /* fp32 product, as the Python path computes it */
+            c->cs[m * half + i] = cosf(f);
+            c->sn[m * half + i] = sinf(f);
+        }
+    }
+    atomic_store(&c->bar.count, 0);
+    pool_run(job, c, nth);
+    return 0;
+}
+
+/* the LoRA term of rows n0..n1 of L for every row m with a slot: y[m, n] += B[n, slot] . (A[slot] x_m) */
+static void lora_add(const ss_ctx *c, const ss_lin *L, const float *x, float *lt, int64_t n0, int64_t n1, float *y,
+                     int64_t ys) {
+    if (!L->lora_a || !c->lslot) return;
+    const int64_t R = c->md->lora_r, K = L->K;
+    int any = 0;
+    for (int64_t m = 0; m < c->M; m++) {
+        const int s = c->lslot[m];
+        if (!s) continue;
+        any = 1;
+        for (int64_t r = 0; r < R; r++) lt[m * R + r] = dot_f32(L->lora_a + (s * R + r) * K, x + m * K, K);
+    }
+    if (!any) return;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < c->M; m++) {
+            const int s = c->lslot[m];
+            if (!s) continue;
+            const float *b = L->lora_b + n * L->lora_ld + s * R;
+            float d = 0.f;
+            for (int64_t r = 0; r < R; r++) d += b[r] * lt[m * R + r];
+            y[m * ys + n] += d;
+        }
+}
+
+static void rope(float *v, int64_t hd, const float *cs, const float *sn) {
+    const int64_t h = hd / 2;
+    for (int64_t i = 0; i < h; i++) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + h] = b * cs[i] + a * sn[i];
+    }
+}
+
+static inline float cache_get(const void *base, int dt, int64_t i) {
+    return dt == C_F32 ? ((const float *)base)[i] : bf16f(((const uint16_t *)base)[i]);
+}
+
+static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, float *sc) {
+    const ss_model *md = c->md;
+    const int64_t hd = md->head_dim, S = md->cache_len, nkv = L->n_kv, nh = L->n_heads, g = nh / nkv;
+    const int64_t s = c->slot[m], p = c->pad ? c->pad[m] : 0, row = c->row0 + m;
+    const float *cs = c->cs + m * (hd / 2), *sn = c->sn + m * (hd / 2);
+    const int dt = md->cache_dtype;
+    float *kk = c->k + m * nkv * hd + kvh * hd, *vv = c->v + m * nkv * hd + kvh * hd;
+    rope(kk, hd, cs, sn);
+    const int64_t base = (row * nkv + kvh) * S * hd;
+    if (dt == C_F32) {
+        memcpy((float *)L->kc + base + s * hd, kk, sizeof(float) * hd);
+        memcpy((float *)L->vc + base + s * hd, vv, sizeof(float) * hd);
+    } else {
+        for (int64_t d = 0; d < hd; d++) {
+            ((uint16_t *)L->kc)[base + s * hd + d] = f2bf16(kk[d]);
+            ((uint16_t *)L->vc)[base + s * hd + d] = f2bf16(vv[d]);
+        }
+    }
+    const int64_t lo = p <= s ? p : s; /* a padded query sees only itself */
+    const float scale = 1.f / sqrtf((float)hd);
+    for (int64_t qi = 0; qi < g; qi++) {
+        const int64_t head = kvh * g + qi;
+        float *qq = c->q + m * nh * hd + head * hd;
+        rope(qq, hd, cs, sn);
+        float mx = -INFINITY;
+        for (int64_t j = lo; j <= s; j++) {
+            float d;
+            if (dt == C_F32)
+                d = dot_f32(qq, (const float *)L->kc + base + j * hd, hd);
+            else
+                d = dot_bf16((const uint16_t *)L->kc + base + j * hd, qq, hd);
+            d *= scale;
+            sc[j] = d;
+            mx = d > mx ? d : mx;
+        }
+        float sum = 0.f;
+        for (int64_t j = lo; j <= s; j++) {
+            sc[j] = expf(sc[j] - mx);
+            sum += sc[j];
+        }
+        const float inv = 1.f / sum;
+        float *out = c->att + m * nh * hd + head * hd;
+        for (int64_t d = 0; d < hd; d++) out[d] = 0.f;
+        for (int64_t j = lo; j <= s; j++) {
+            const float w = sc[j] * inv;
+            if (dt == C_F32) {
+                const float *vr = (const float *)L->vc + base + j * hd;
+                for (int64_t d = 0; d < hd; d++) out[d] += w * vr[d];
+            } else {
+                const uint16_t *vr = (const uint16_t *)L->vc + base + j * hd;
+                for (int64_t d = 0; d < hd; d++) out[d] += w * bf16f(vr[d]);
+            }
+        }
+    }
+}
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+static void job(void *arg, int tid, int nth) {
+    ss_ctx *c = (ss_ctx *)arg;
+    const ss_model *md = c->md;
+    struct thread_buf *tb = &c->tb[tid];
+    prep_t *p = &tb->prep;
+    p->xp = tb->xp, p->xs = tb->xs, p->xq = tb->xq, p->xqs = tb->xqs, p->xqsf = tb->xqsf;
+    p->x = NULL;
+    const int64_t M = c->M, H = md->hidden, hd = md->head_dim;
+    const int i8 = md->act_int8;
+    int sense = atomic_load(&c->bar.sense);
+    int64_t n0, n1;
+    for (int64_t li = 0; li < md->n_layers; li++) {
+        const ss_layer *L = &md->layers[li];
+        if (L->n_heads) { /* structured pruning may remove every head (or channel) of a layer */
+            const int64_t nq = L->n_heads * hd, nkv = L->n_kv * hd;
+            rmsnorm(c->x, L->ln1, tb->xn, M, H, md->eps);
+            p->x = NULL; /* new content: prepare again */
+            const ss_lin *ls[3] = {&L->q, &L->k, &L->v};
+            float *outs[3] = {c->q, c->k, c->v};
+            const int64_t ns[3] = {nq, nkv, nkv};
+            for (int j = 0; j < 3; j++) {
+                prepare(p, ls[j], tb->xn, M, i8);
+                slice(ns[j], tid, nth, &n0, &n1);
+                lin_rows(ls[j], p, tb->xn, M, n0, n1, outs[j], ns[j], 0);
+                lora_add(c, ls[j], tb->xn, tb->lt, n0, n1, outs[j], ns[j]);
+            }
+            barrier(&c->bar, nth, &sense);
+            const int64_t items = M * L->n_kv;
+            for (int64_t it = tid; it < items; it += nth) attention(c, L, it / L->n_kv, (int)(it % L->n_kv), tb->sc);
+            barrier(&c->bar, nth, &sense);
+            p->x = NULL;
+            prepare(p, &L->o, c->att, M, i8);
+            slice(H, tid, nth, &n0, &n1);
+            lin_rows(&L->o, p, c->att, M, n0, n1, c->x, H, 1); /* residual: x += o_proj(att) */
+            lora_add(c, &L->o, c->att, tb->lt, n0, n1, c->x, H);
+            barrier(&c->bar, nth, &sense);
+        }
+        if (L->inter) {
+            const int64_t I = L->inter;
+            rmsnorm(c->x, L->ln2, tb->xn, M, H, md->eps);
+            p->x = NULL;
+            slice(I, tid, nth, &n0, &n1);
+            prepare(p, &L->gate, tb->xn, M, i8);
+            lin_rows(&L->gate, p, tb->xn, M, n0, n1, c->h, I, 0);
+            lora_add(c, &L->gate, tb->xn, tb->lt, n0, n1, c->h, I);
+            prepare(p, &L->up, tb->xn, M, i8);
+            lin_rows(&L->up, p, tb->xn, M, n0, n1, c->h2, I, 0);
+            lora_add(c, &L->up, tb->xn, tb->lt, n0, n1, c->h2, I);
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = n0; n < n1; n++) c->h[m * I + n] = silu(c->h[m * I + n]) * c->h2[m * I + n];
+            barrier(&c->bar, nth, &sense);
+            p->x = NULL;
+            prepare(p, &L->down, c->h, M, i8);
+            slice(H, tid, nth, &n0, &n1);
+            lin_rows(&L->down, p, c->h, M, n0, n1, c->x, H, 1);
+            lora_add(c, &L->down, c->h, tb->lt, n0, n1, c->x, H);
+            barrier(&c->bar, nth, &sense);
+        }
+    }
+    rmsnorm(c->x, md->norm, tb->xn, M, H, md->eps);
+    p->x = NULL;
+    prepare(p, &md->head, tb->xn, M, i8);
+    slice(md->vocab, tid, nth, &n0, &n1);
+    lin_rows(&md->head, p, tb->xn, M, n0, n1, c->logits, md->vocab, 0);
+}

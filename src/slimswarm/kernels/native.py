@@ -1,0 +1,448 @@
+"""The native decode step (kernels/decode.c): one C call per decode step for the whole decoder, built per ISA at first use.
+
+``step_for(model)`` returns a ``NativeStep`` for a Llama-family ``CausalLM`` (read structurally: this layer sits
+below models/ and compress/) or None, after printing one warning line that names why (no compiler, no AVX2, a
+format or shape it cannot run). ``SLIMSWARM_NATIVE=0`` turns it off silently; ``SLIMSWARM_ISA`` forces a build
+(avx2, avxvnni, avx512vnni); ``SLIMSWARM_NATIVE_ACT=int8`` (or ``set_act_int8``) quantizes matmul inputs to int8
+per row for the quantized layers (a different model: see benchmarks/results/native_decode.md for its cost).
+
+What it reads, without copies: float weights (fp32/bf16) where the model keeps them, the quantized layers' codes and
+fp32 scale/zero caches (``QuantLinear.native_weight``), the adapter bank's stacked A/B and per-row slots
+(``MultiLoRALinear``), and the KV cache tensors the model has installed (fp32 or bf16, [rows, kv, slots, hd]).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MAX_M = 8
+_SRC = Path(__file__).with_name("decode.c")
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avxvnni": ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+}
+_FMT = {torch.float32: 0, torch.bfloat16: 1, "q8": 2, "q4": 3}
+_CACHE_DT = {torch.float32: 0, torch.bfloat16: 1}
+
+_libs: dict[str, ctypes.CDLL | str] = {}
+_warned: set[str] = set()
+_steps: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # model -> (step or reason, sig)
+
+
+class Unsupported(Exception):
+    """This model (or this machine) cannot run the native step; the message says which part and why."""
+
+
+# ---------------------------------------------------------------------------------------------------- build
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def pick_isa() -> str:
+    """The build this CPU runs best (``SLIMSWARM_ISA`` overrides); raises Unsupported without AVX2+FMA."""
+    flags = _cpu_flags()
+    forced = os.environ.get("SLIMSWARM_ISA")
+    if forced:
+        if forced not in ISA_FLAGS:
+            raise Unsupported(f"SLIMSWARM_ISA={forced!r} is not one of {', '.join(ISA_FLAGS)}")
+        need = {"avx2": {"avx2", "fma"}, "avxvnni": {"avx2", "fma", "avx_vnni"},
+                "avx512vnni": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}[forced]
+        if not need <= flags:
+            raise Unsupported(f"SLIMSWARM_ISA={forced} but this CPU lacks {', '.join(sorted(need - flags))}")
+        return forced
+    if sys.platform != "linux" or not {"avx2", "fma"} <= flags:
+        raise Unsupported("needs Linux on an x86-64 CPU with AVX2 and FMA")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        return "avx512vnni"
+    if "avx_vnni" in flags:
+        return "avxvnni"
+    return "avx2"
+
+
+def _compile(isa: str) -> ctypes.CDLL:
+    src = _SRC.read_bytes()
+    flags = ISA_FLAGS[isa]
+    key = hashlib.sha1(src + " ".join(flags).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("SLIMSWARM_CACHE", Path.home() / ".cache" / "slimswarm")) / "kernels"
+    so = cache / f"decode-{isa}-{key}.so"
+    if not so.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [os.environ.get("CC", "cc"), "-O3", *flags, "-pthread", "-shared", "-fPIC", str(_SRC), "-o", tmp, "-lm"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            os.unlink(tmp)
+            raise Unsupported(f"C compiler failed: {e}") from None
+        if r.returncode != 0:
+            os.unlink(tmp)
+            raise Unsupported("C compiler failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+        os.replace(tmp, so)  # atomic: a concurrent build never sees half a library
+    lib = ctypes.CDLL(str(so))
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.ss_ctx_new.argtypes, lib.ss_ctx_new.restype = [P, ctypes.c_int], P
+    lib.ss_ctx_free.argtypes, lib.ss_ctx_free.restype = [P], None
+    lib.ss_decode.argtypes = [P, P, I, P, P, P, I, P, P, ctypes.c_int]
+    lib.ss_decode.restype = ctypes.c_int
+    lib.ss_pool_init.argtypes, lib.ss_pool_init.restype = [ctypes.c_int], ctypes.c_int
+    lib.ss_pool_threads.argtypes, lib.ss_pool_threads.restype = [], ctypes.c_int
+    return lib
+
+
+def library(isa: str | None = None) -> ctypes.CDLL:
+    """The compiled decode step for ``isa`` (default: ``pick_isa()``); raises Unsupported with the reason."""
+    isa = isa or pick_isa()
+    got = _libs.get(isa)
+    if got is None:
+        try:
+            got = _compile(isa)
+        except Unsupported as e:
+            got = str(e)
+        _libs[isa] = got
+    if isinstance(got, str):
+        raise Unsupported(got)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------------- C structs
+class _Lin(ctypes.Structure):
+    _fields_ = [("fmt", ctypes.c_int32), ("pad_", ctypes.c_int32), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("gs", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lora_a", ctypes.c_void_p),
+                ("lora_b", ctypes.c_void_p), ("lora_ld", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("n_heads", ctypes.c_int32), ("n_kv", ctypes.c_int32), ("inter", ctypes.c_int64),
+                ("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
+                *[(n, _Lin) for n in ("q", "k", "v", "o", "gate", "up", "down")]]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("vocab", ctypes.c_int64), ("hidden", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("n_layers", ctypes.c_int64), ("max_k", ctypes.c_int64), ("max_q", ctypes.c_int64),
+                ("max_kv", ctypes.c_int64), ("cache_rows", ctypes.c_int64), ("cache_len", ctypes.c_int64),
+                ("cache_dtype", ctypes.c_int32), ("lora_r", ctypes.c_int32), ("act_int8", ctypes.c_int32),
+                ("pad_", ctypes.c_int32), ("eps", ctypes.c_float), ("pad2_", ctypes.c_float),
+                ("inv_freq", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("embed", _Lin), ("head", _Lin),
+                ("layers", ctypes.POINTER(_Layer))]
+
+
+# ---------------------------------------------------------------------------------------------------- model walk
+_LINEARS = (("q", "self_attn", "q_proj"), ("k", "self_attn", "k_proj"), ("v", "self_attn", "v_proj"),
+            ("o", "self_attn", "o_proj"), ("gate", "mlp", "gate_proj"), ("up", "mlp", "up_proj"),
+            ("down", "mlp", "down_proj"))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _weight_of(mod: nn.Module, name: str) -> dict:
+    """Format descriptor of one linear (or embedding table); raises Unsupported naming the module."""
+    if hasattr(mod, "native_weight"):  # QuantLinear (compress/quant/linear.py)
+        d = mod.native_weight()
+        if isinstance(d, str):
+            raise Unsupported(f"{name}: {d}")
+        return d
+    w = getattr(mod, "weight", None)
+    if type(mod).__name__ == "LoRALinear" or hasattr(mod, "lora_A"):
+        raise Unsupported(f"{name}: a training LoRA wrapper (merge it or load it into an AdapterBank)")
+    if not isinstance(mod, (nn.Linear, nn.Embedding)) or not isinstance(w, torch.Tensor):
+        raise Unsupported(f"{name}: {type(mod).__name__} is not a format the native step reads")
+    if type(w) not in (torch.Tensor, nn.Parameter):
+        raise Unsupported(f"{name}: weight is a {type(w).__name__} tensor subclass")
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        raise Unsupported(f"{name}: weight dtype {w.dtype} (fp32, bf16 or our quantized layers)")
+    if not w.is_contiguous():
+        raise Unsupported(f"{name}: weight is not contiguous")
+    b = getattr(mod, "bias", None)
+    return {"fmt": w.dtype, "codes": w, "scale": None, "zero": None, "group_size": w.shape[1],
+            "bias": None if b is None else b.detach().float().contiguous()}
+
+
+def _fill(lin: _Lin, d: dict, n: int, k: int, name: str, keep: list) -> None:
+    gs = int(d["group_size"])
+    if d["fmt"] in ("q4", "q8"):
+        if k % gs:
+            raise Unsupported(f"{name}: in_features {k} is not a multiple of group_size {gs}")
+        if d["fmt"] == "q4" and gs % 2:
+            raise Unsupported(f"{name}: 4-bit group_size {gs} is odd")
+        want = (n, k // 2 if d["fmt"] == "q4" else k)
+        if tuple(d["codes"].shape) != want or tuple(d["scale"].shape) != (n, k // gs):
+            raise Unsupported(f"{name}: codes {tuple(d['codes'].shape)} do not match out={n}, in={k}")
+    elif tuple(d["codes"].shape) != (n, k):
+        raise Unsupported(f"{name}: weight {tuple(d['codes'].shape)}, expected ({n}, {k})")
+    if d["bias"] is not None and d["bias"].numel() != n:
+        raise Unsupported(f"{name}: bias has {d['bias'].numel()} entries for out={n}")
+    lin.fmt, lin.N, lin.K, lin.gs = _FMT[d["fmt"]], n, k, gs
+    lin.w, lin.scale, lin.zero, lin.bias = _ptr(d["codes"]), _ptr(d["scale"]), _ptr(d["zero"]), _ptr(d["bias"])
+    keep.extend(t for t in (d["codes"], d["scale"], d["zero"], d["bias"]) if t is not None)
+
+
+def _norm(mod: nn.Module, name: str, h: int) -> torch.Tensor:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.numel() != h or w.dtype not in (torch.float32, torch.bfloat16):
+        raise Unsupported(f"{name}: expected an fp32/bf16 RMSNorm weight of {h}")
+    return w.detach().float().contiguous()
+
+
+class NativeStep:
+    """The packed description of one model for decode.c, rebuilt when the model's modules change (``valid``)."""
+
+    def __init__(self, model: nn.Module, isa: str | None = None):
+        self.lib = library(isa)
+        self.isa = isa or pick_isa()
+        cfg = model.config
+        dev = getattr(model, "device", torch.device("cpu"))
+        if torch.device(dev).type != "cpu":
+            raise Unsupported(f"model is on {dev} (the native step runs on the CPU)")
+        h, hd, nl = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+        if hd % 2:
+            raise Unsupported(f"head_dim {hd} is odd (RoPE needs pairs)")
+        keep: list = []
+        m = _Model()
+        m.vocab, m.hidden, m.head_dim, m.n_layers, m.eps = cfg.vocab_size, h, hd, nl, float(cfg.rms_norm_eps)
+        inv = model.inv_freq.detach().float().contiguous()
+        if inv.numel() != hd // 2:
+            raise Unsupported(f"inv_freq has {inv.numel()} entries for head_dim {hd}")
+        norm = _norm(model.model.norm, "model.norm", h)
+        keep += [inv, norm]
+        m.inv_freq, m.norm = _ptr(inv), _ptr(norm)
+        emb = model.model.embed_tokens
+        _fill(m.embed, _weight_of(getattr(emb, "rows", emb), "model.embed_tokens"), cfg.vocab_size, h,
+              "model.embed_tokens", keep)
+        if m.embed.bias:
+            raise Unsupported("model.embed_tokens: an embedding table with a bias")
+        self.rows_obj = None
+        self.loras: list[tuple[_Lin, nn.Module]] = []
+        self._head_mod, self._layer_mods = self._fill_linear(m.head, model.lm_head, cfg.vocab_size, h, "lm_head",
+                                                             keep), []
+        layers = (_Layer * nl)()
+        max_k, max_q, max_kv = h, 0, 0
+        for i, layer in enumerate(model.model.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            L = layers[i]
+            L.n_heads, L.n_kv = int(a.n_heads), int(a.n_kv)
+            if a.head_dim != hd:
+                raise Unsupported(f"layer {i}: head_dim {a.head_dim} differs from the config's {hd}")
+            if L.n_heads and (L.n_kv == 0 or L.n_heads % L.n_kv):
+                raise Unsupported(f"layer {i}: {L.n_heads} query heads for {L.n_kv} kv heads")
+            inter = int(mlp.down_proj.in_features)
+            L.inter = inter
+            L.ln1 = _ptr(_keep(keep, _norm(layer.input_layernorm, f"layer {i} input_layernorm", h)))
+            L.ln2 = _ptr(_keep(keep, _norm(layer.post_attention_layernorm, f"layer {i} post_attention_layernorm", h)))
+            q, kv = L.n_heads * hd, L.n_kv * hd
+            shapes = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (inter, h), "up": (inter, h),
+                      "down": (h, inter)}
+            mods = []
+            for field, parent, attr in _LINEARS:
+                n, k = shapes[field]
+                if (field in "qkvo" and not L.n_heads) or (field in ("gate", "up", "down") and not inter):
+                    mods.append(None)
+                    continue
+                mods.append(self._fill_linear(getattr(L, field), getattr(getattr(layer, parent), attr), n, k,
+                                              f"model.layers.{i}.{parent}.{attr}", keep))
+            self._layer_mods.append(mods)
+            max_k, max_q, max_kv = max(max_k, q, inter), max(max_q, q), max(max_kv, kv)
+        m.layers = layers
+        m.max_k, m.max_q, m.max_kv = max_k, max_q, max_kv
+        m.lora_r = int(self.rows_obj.r) if self.rows_obj is not None else 0
+        m.act_int8 = int(_act_int8(model))
+        self.model_struct, self.layers, self.keep = m, layers, keep
+        self.vocab = cfg.vocab_size
+        self._caches: list | None = None
+        self._ctx = None
+        self._ctx_key = None
+
+    def _fill_linear(self, lin: _Lin, mod: nn.Module, n: int, k: int, name: str, keep: list) -> nn.Module:
+        base = mod
+        if hasattr(mod, "A_cat") and hasattr(mod, "base"):  # MultiLoRALinear of an AdapterBank
+            base = mod.base
+            if self.rows_obj is None:
+                self.rows_obj = mod.rows
+            elif mod.rows is not self.rows_obj:
+                raise Unsupported(f"{name}: adapters from two different adapter banks")
+            a, b = mod.A_cat, mod.B_cat
+            if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[1] != k or b.shape[0] != n:
+                raise Unsupported(f"{name}: adapter stack A {tuple(a.shape)} / B {tuple(b.shape)} for out={n}, in={k}")
+            a, b = a.contiguous(), b.contiguous()
+            keep += [a, b]
+            lin.lora_a, lin.lora_b, lin.lora_ld = _ptr(a), _ptr(b), b.shape[1]
+        _fill(lin, _weight_of(base, name), n, k, name, keep)
+        return mod
+
+    # ------------------------------------------------------------------ per call
+    def _bind_caches(self, model) -> None:
+        caches = [layer.self_attn.cache for layer in model.model.layers]
+        if self._caches is not None and all(a is b for a, b in zip(caches, self._caches)):
+            return
+        m = self.model_struct
+        dt = None
+        for i, (c, L) in enumerate(zip(caches, self.layers)):
+            if c is None:
+                raise Unsupported(f"layer {i} has no KV cache installed")
+            if c.k.dtype not in _CACHE_DT or c.k.dtype != c.v.dtype or not (c.k.is_contiguous() and c.v.is_contiguous()):
+                raise Unsupported(f"layer {i}: KV cache dtype {c.k.dtype} (fp32 or bf16, contiguous)")
+            if dt is not None and c.k.dtype != dt:
+                raise Unsupported("KV caches of different dtypes")
+            dt = c.k.dtype
+            if L.n_heads and tuple(c.k.shape[1::2]) != (L.n_kv, m.head_dim):
+                raise Unsupported(f"layer {i}: KV cache shape {tuple(c.k.shape)}")
+            L.kc, L.vc = c.k.data_ptr(), c.v.data_ptr()
+        m.cache_rows, m.cache_len = caches[0].k.shape[0], caches[0].k.shape[2]
+        m.cache_dtype = _CACHE_DT[dt]
+        self._caches = caches
+
+    def _context(self, nth: int):
+        key = (nth, int(self.model_struct.cache_len))
+        if self._ctx is None or self._ctx_key[0] < nth or self._ctx_key[1] < key[1]:
+            if self._ctx is not None:
+                self.lib.ss_ctx_free(self._ctx)
+            self._ctx = self.lib.ss_ctx_new(ctypes.byref(self.model_struct), nth)
+            if not self._ctx:
+                raise MemoryError("native decode step: cannot allocate its buffers")
+            self._ctx_key = key
+        return self._ctx
+
+    def decode(self, model, tokens: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor | None,
+               row0: int = 0) -> torch.Tensor:
+        """Logits [M, vocab] (fp32) of ``tokens`` [M] written at cache ``slots`` [M] of rows row0.. (pad: [M] or None)."""
+        self._bind_caches(model)
+        m = tokens.shape[0]
+        nth = max(1, torch.get_num_threads())
+        ctx = self._context(nth)
+        tok = tokens.reshape(-1).to(torch.int64).contiguous()
+        sl = slots.reshape(-1).to(torch.int64).contiguous()
+        pd = None if pad is None else pad.reshape(-1).to(torch.int64).contiguous()
+        ls = None
+        if self.rows_obj is not None:
+            rows = self.rows_obj
+            if rows.ids is None:
+                ls = None if rows.uniform == 0 else torch.full((m,), int(rows.uniform), dtype=torch.int32)
+            else:
+                if rows.ids.numel() != m:
+                    raise ValueError(f"adapter rows set for {rows.ids.numel()} rows, batch has {m}")
+                ls = rows.ids.to(torch.int32).contiguous()
+        out = torch.empty((m, self.vocab), dtype=torch.float32)
+        rc = self.lib.ss_decode(ctx, ctypes.byref(self.model_struct), m, tok.data_ptr(), sl.data_ptr(), _ptr(pd),
+                                row0, _ptr(ls), out.data_ptr(), nth)
+        if rc != 0:
+            raise ValueError(f"native decode step refused its arguments (rows {row0}..{row0 + m - 1}, slots "
+                             f"{sl.tolist()}, cache {self.model_struct.cache_rows}x{self.model_struct.cache_len})")
+        return out
+
+    def __del__(self):
+        if getattr(self, "_ctx", None):
+            self.lib.ss_ctx_free(self._ctx)
+            self._ctx = None
+
+
+def _keep(keep: list, t: torch.Tensor) -> torch.Tensor:
+    keep.append(t)
+    return t
+
+
+def _lin_token(mod) -> tuple:
+    """What changes when a linear is swapped or re-packed (module identity, weight storage, adapter stacks)."""
+    if mod is None:
+        return ()
+    if hasattr(mod, "A_cat"):
+        return (id(mod), id(mod.A_cat), id(mod.B_cat)) + _lin_token(mod.base)
+    c = getattr(mod, "_cache", None)
+    if isinstance(c, dict):  # QuantLinear: its fp32 scale/zero cache is dropped whenever its state changes
+        return (id(mod), id(c.get("fp32")), id(c.get("codes4")))
+    w = getattr(mod, "weight", None)
+    return (id(mod), w.data_ptr() if isinstance(w, torch.Tensor) else 0)
+
+
+def signature(model) -> tuple:
+    """Cheap identity of everything the packed step points into (checked before every call)."""
+    emb = model.model.embed_tokens
+    parts = [_lin_token(getattr(emb, "rows", emb)), _lin_token(model.lm_head), id(model.model.norm.weight),
+             bool(_act_int8(model))]
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        parts += [_lin_token(a.q_proj), _lin_token(a.k_proj), _lin_token(a.v_proj), _lin_token(a.o_proj),
+                  _lin_token(mlp.gate_proj), _lin_token(mlp.up_proj), _lin_token(mlp.down_proj)]
+    return tuple(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- entry points
+def enabled() -> bool:
+    return os.environ.get("SLIMSWARM_NATIVE", "1") not in ("0", "false", "off", "no")
+
+
+def _act_int8(model) -> bool:
+    v = getattr(model, "_native_act_int8", None)
+    return bool(v) if v is not None else os.environ.get("SLIMSWARM_NATIVE_ACT", "fp32") == "int8"
+
+
+def set_act_int8(model, on: bool) -> None:
+    """Quantize the quantized layers' inputs to int8 per row in the native step (``False``: fp32 inputs, exact)."""
+    model._native_act_int8 = bool(on)
+
+
+def warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        print(f"slimswarm: warning: native decode step off: {reason}; using the Python path", file=sys.stderr)
+
+
+def why_not(model) -> str | None:
+    """Why ``model`` cannot use the native step (None: it can). Builds the library if needed."""
+    try:
+        NativeStep(model)
+    except Unsupported as e:
+        return str(e)
+    return None
+
+
+def step_for(model) -> NativeStep | None:
+    """The model's cached native step (rebuilt when its modules changed), or None after one warning line."""
+    if not enabled():
+        return None
+    got = _steps.get(model)
+    sig = signature(model)
+    if got is not None and got[1] == sig:
+        return got[0] if isinstance(got[0], NativeStep) else None
+    try:
+        st = NativeStep(model)
+    except Unsupported as e:
+        _steps[model] = (str(e), sig)
+        warn_once(str(e))
+        return None
+    _steps[model] = (st, sig)
+    return st
+
+
+def reset(model) -> None:
+    """Forget the packed step (after editing weights in place through ``.data``)."""
+    _steps.pop(model, None)
+
+
+def pool_threads(isa: str | None = None) -> int:
+    return library(isa).ss_pool_threads()
+
+
+def pool_init(n: int, isa: str | None = None) -> int:
+    """(Re)start the thread pool with ``n`` threads; returns how many it runs."""
+    return library(isa).ss_pool_init(n)
