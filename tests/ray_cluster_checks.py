@@ -225,6 +225,12 @@ def test_a_node_dying_mid_run_loses_no_task_and_its_replica_restarts_where_ray_c
 def test_with_every_replica_gone_tasks_fail_with_a_recorded_error_and_the_run_ends(cluster, backend):
     for n in [n for n in cluster.workers if n.node_id in {r.node for r in backend.pool.replicas}]:
         cluster.remove_node(n, allow_graceful=False)
+    # "gone" means the pool has seen them go: remove_node returns before Ray's processes are dead, and on a quiet
+    # machine the 4 tasks would otherwise be served by replicas that are still finishing their last seconds
+    t0 = time.time()
+    while any(r.up for r in backend.pool.replicas) and time.time() - t0 < 30:
+        time.sleep(0.1)
+    assert not any(r.up for r in backend.pool.replicas)
     backend.timeout_s = 3
     tracer = Tracer()
     t0 = time.perf_counter()
