@@ -191,18 +191,11 @@ class OurWorker:
 
 
 def random_adapter(model, seed: int, r: int = 8):
-    """A LoRA of rank 8 on every projection with random A and nonzero random B (not trained; the cost is the same)."""
-    import torch
+    """The team_throughput benchmark's random LoRA (rank 8 on every projection, nonzero random A and B)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from team_throughput import random_adapter as team_adapter
 
-    from slimswarm.compress.lora import LoRAConfig, target_modules
-
-    cfg = LoRAConfig(r=r, alpha=2 * r)
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, lin in target_modules(model, cfg.targets).items():
-        sd[f"{name}.lora_A"] = torch.randn(r, lin.in_features, generator=g) / lin.in_features**0.5
-        sd[f"{name}.lora_B"] = torch.randn(lin.out_features, r, generator=g) * 0.01
-    return cfg, sd
+    return team_adapter(model, seed, r)
 
 
 class LlamaWorker:
