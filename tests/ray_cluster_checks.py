@@ -188,22 +188,44 @@ def test_a_deploy_no_node_or_replica_can_serve_is_a_one_line_error_before_any_ta
     assert err == message and out == ""
 
 
+class _KillOnNthCall:
+    """Stands in for a replica's actor handle: its ``n``-th generate call first kills the replica's node (and
+    waits for ``remove_node`` to return), then goes to the now dead actor. So a call is in flight on the dying
+    replica whatever the machine's speed (a kill from a side thread could land after the last task)."""
+
+    def __init__(self, handle, n, kill):
+        self._handle, self._n, self._kill, self._lock, self.killed = handle, n, kill, threading.Lock(), False
+
+    def __getattr__(self, name):
+        method = getattr(self._handle, name)
+        if not name.startswith("generate"):
+            return method
+        outer = self
+
+        class _Method:
+            def remote(self, *args):
+                with outer._lock:
+                    outer._n -= 1
+                    if outer._n == 0:
+                        outer._kill()
+                        outer.killed = True
+                return method.remote(*args)
+        return _Method()
+
+
 def test_a_node_dying_mid_run_loses_no_task_and_its_replica_restarts_where_ray_can_place_it(cluster, backend):
     dead = next(r for r in backend.pool.replicas if r.name == "default/0")
     dead_node = dead.node
     victim = next(n for n in cluster.workers if n.node_id == dead_node)
-    killed = threading.Event()
-
-    def kill_after_5(res):
-        if not killed.is_set() and sum(1 for _ in done) >= 5:
-            killed.set()
-            threading.Thread(target=cluster.remove_node, args=(victim,), kwargs={"allow_graceful": False}).start()
-
-    done = []
+    handle = dead.handle
+    dead.handle = killer = _KillOnNthCall(handle, 6, lambda: cluster.remove_node(victim, allow_graceful=False))
     tracer = Tracer()
-    report = run_tasks(build_team(parse_config(TEAM)), TASKS, backend, tracer, parallel=8,
-                       on_result=lambda r: (done.append(r), kill_after_5(r)))
-    assert killed.is_set()
+    try:
+        report = run_tasks(build_team(parse_config(TEAM)), TASKS, backend, tracer, parallel=8)
+    finally:
+        dead.handle = handle
+    killed = killer.killed
+    assert killed
     assert len(report.tasks) == 40 and report.completion_rate == 1.0, [t.error for t in report.tasks if t.error]
     calls = tracer.calls()
     retried = [c for c in calls if "retries" in c.get("route", {})]
