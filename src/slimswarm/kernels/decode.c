@@ -388,9 +388,16 @@ static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, con
     const int64_t K = L->K, gs = L->gs, G = K / gs;
     const int q4 = L->fmt == F_Q4;
     const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    const int64_t rbytes = q4 ? K / 2 : K;
     for (int64_t n = n0; n < n1; n++) {
         const float *sc = L->scale + n * G, *zp = L->zero + n * G;
-        const uint8_t *qr = (const uint8_t *)L->w + n * (q4 ? K / 2 : K);
+        const uint8_t *qr = (const uint8_t *)L->w + n * rbytes;
+        if (q4) { /* software prefetch 1 KB ahead: +5-12% streamed from DRAM on one core (it hurt the 8-bit head) */
+            const char *pf = (const char *)qr + 1024;
+            for (int64_t o = 0; o < rbytes; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+            _mm_prefetch((const char *)(sc + 8 * G), _MM_HINT_T0);
+            _mm_prefetch((const char *)(zp + 8 * G), _MM_HINT_T0);
+        }
         __m256 acc[MAXM];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
@@ -805,7 +812,18 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
+#ifdef SS_PROFILE
+#include <time.h>
+double ss_prof[8];
+static inline double pnow(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+#define PT(i) do { if (tid == 0) { double _t = pnow(); ss_prof[i] += _t - _pt; _pt = _t; } } while (0)
+#else
+#define PT(i) do { } while (0)
+#endif
 static void job(void *arg, int tid, int nth) {
+#ifdef SS_PROFILE
+    double _pt = pnow();
+#endif
     ss_ctx *c = (ss_ctx *)arg;
     const ss_model *md = c->md;
     struct thread_buf *tb = &c->tb[tid];
@@ -831,16 +849,22 @@ static void job(void *arg, int tid, int nth) {
                 lin_rows(ls[j], p, tb->xn, M, n0, n1, outs[j], ns[j], 0);
                 lora_add(c, ls[j], tb->xn, tb->lt, n0, n1, outs[j], ns[j]);
             }
+            PT(0);
             barrier(&c->bar, nth, &sense);
+            PT(7);
             const int64_t items = M * L->n_kv;
             for (int64_t it = tid; it < items; it += nth) attention(c, L, it / L->n_kv, (int)(it % L->n_kv), tb->sc);
+            PT(1);
             barrier(&c->bar, nth, &sense);
+            PT(7);
             p->x = NULL;
             prepare(p, &L->o, c->att, M, i8);
             slice(H, tid, nth, &n0, &n1);
             lin_rows(&L->o, p, c->att, M, n0, n1, c->x, H, 1); /* residual: x += o_proj(att) */
             lora_add(c, &L->o, c->att, tb->lt, n0, n1, c->x, H);
+            PT(2);
             barrier(&c->bar, nth, &sense);
+            PT(7);
         }
         if (L->inter) {
             const int64_t I = L->inter;
@@ -855,13 +879,17 @@ static void job(void *arg, int tid, int nth) {
             lora_add(c, &L->up, tb->xn, tb->lt, n0, n1, c->h2, I);
             for (int64_t m = 0; m < M; m++)
                 for (int64_t n = n0; n < n1; n++) c->h[m * I + n] = silu(c->h[m * I + n]) * c->h2[m * I + n];
+            PT(3);
             barrier(&c->bar, nth, &sense);
+            PT(7);
             p->x = NULL;
             prepare(p, &L->down, c->h, M, i8);
             slice(H, tid, nth, &n0, &n1);
             lin_rows(&L->down, p, c->h, M, n0, n1, c->x, H, 1);
             lora_add(c, &L->down, c->h, tb->lt, n0, n1, c->x, H);
+            PT(4);
             barrier(&c->bar, nth, &sense);
+            PT(7);
         }
     }
     rmsnorm(c->x, md->norm, tb->xn, M, H, md->eps);
@@ -869,4 +897,5 @@ static void job(void *arg, int tid, int nth) {
     prepare(p, &md->head, tb->xn, M, i8);
     slice(md->vocab, tid, nth, &n0, &n1);
     lin_rows(&md->head, p, tb->xn, M, n0, n1, c->logits, md->vocab, 0);
+    PT(5);
 }
