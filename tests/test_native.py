@@ -346,3 +346,89 @@ def test_no_compiler_or_no_avx2_warns_once_and_uses_the_python_path(case, monkey
     assert err[0].endswith("; using the Python path")
     assert torch.equal(out, py)
     assert not list(tmp_path.glob("kernels/*.so"))  # no half-built library left behind
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp16", "int8"])
+def test_kv_cache_storage_native_matches_python_and_stays_near_fp32(kv):
+    """A bf16 / fp16 / int8 (scale per head and slot) KV cache: the native step reads and writes it as the Python
+    path does (same rounding rules), mixed positions and left padding included; the logits move a little from the
+    fp32 cache's and the int8 cache takes 1 byte + 4/head_dim per value. int8's bound is looser than TOL: the two
+    paths' K/V differ by fp32 rounding (~1e-6) before they are rounded to codes, and a value sitting on a rounding
+    boundary lands one code step apart (observed up to 7e-4 here)."""
+    m = _model(hidden=128, inter=256)
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+    ref = _decode(m, PROMPTS, on=False)
+    m.kv_dtype = kv
+    for padded in (False, True):
+        py = _decode(m, PROMPTS, on=False, padded=padded)
+        nat = _decode(m, PROMPTS, on=True, padded=padded)
+        assert (py - nat).abs().max().item() <= (TOL if kv != "int8" else 3e-3)
+    drift = (py - ref).abs().max().item()
+    assert 0 < drift < {"bf16": 0.05, "fp16": 0.01, "int8": 0.1}[kv], drift
+    m.setup_cache(2, 16)
+    c = m.model.layers[0].self_attn.cache
+    assert c.kind == kv and c.k.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}[kv]
+    from slimswarm.engine.kv import kv_bytes_per_token
+
+    per_value = {"bf16": 2, "fp16": 2, "int8": 1 + 4 / m.config.head_dim}[kv]
+    assert kv_bytes_per_token(m) == 2 * 2 * 2 * m.config.head_dim * per_value  # 2 layers x K,V x 2 kv heads
+    assert c.bytes_per_slot() * 2 == kv_bytes_per_token(m)
+
+
+def test_int8_kv_cache_round_trip_and_bad_dtype():
+    from slimswarm.models.llama import KVCache, quantize_kv
+
+    x = torch.randn(2, 3, 5, 64)
+    x[0, 0, 0] = 0  # an all-zero vector: scale 1, codes 0
+    q, s = quantize_kv(x)
+    back = q.float() * s[..., None]
+    assert q.dtype == torch.int8 and s.shape == (2, 3, 5) and s[0, 0, 0] == 1 and back[0, 0, 0].abs().max() == 0
+    assert ((back - x).abs() <= s[..., None] / 2 + 1e-7).all()  # at most half a step from the value
+    with pytest.raises(ValueError, match="KV cache dtype 'int4': use one of fp32, bf16, fp16, int8"):
+        KVCache(1, 1, 4, 8, "int4", "cpu")
+
+
+def test_engine_with_int8_kv_cache_and_prefix_cache_matches_generate(stories):
+    """The engine's own caches, row moves and prefix-cache blocks carry the int8 scales: a shared-prefix second
+    request (served from the prefix cache) gives the tokens generate_ids gives with the same int8 cache."""
+    from slimswarm.engine.engine import Engine
+
+    m, tok = stories.model, stories.tokenizer
+    m.kv_dtype = "int8"
+    try:
+        ids = tok.encode("Once upon a time, there was a little girl named Lily. She")
+        want = generate_ids(m, [ids], SamplingParams(max_tokens=12))[0].tokens
+        eng = Engine(m, tok, max_batch=2, max_len=128)
+        assert eng.caches[0].kind == "int8"
+        got = []
+        for _ in range(2):  # the second run reuses the first one's prefix blocks
+            r = eng.submit(ids, SamplingParams(max_tokens=12))
+            while not r.done:
+                eng.step()
+            got.append(r.tokens)
+        assert got == [want, want] and eng.prefix.hit_tokens > 0
+    finally:
+        m.kv_dtype = None
+        m.clear_cache()
+
+
+def test_cli_kv_cache_option_reaches_eval_and_generate(capsys):
+    """`--kv-cache int8` on eval scores through an int8 cache (a different perplexity from the fp32 cache's, close
+    to it), and generate decodes with it; a bad value is argparse's one-line error."""
+    import json
+
+    from slimswarm.cli import main
+    from slimswarm.models.llama import KV_DTYPES
+    import slimswarm.cli as cli
+
+    assert cli.KV_DTYPES == KV_DTYPES
+    ppl = {}
+    for kv in (None, "int8"):
+        extra = ["--kv-cache", kv] if kv else []
+        assert main(["eval", "stories260k", "--max-tokens", "2048", "--window", "256", "--json", *extra]) == 0
+        ppl[kv] = json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"]
+    assert ppl[None] != ppl["int8"] and abs(ppl["int8"] / ppl[None] - 1) < 0.02, ppl
+    assert main(["generate", "stories260k", "Once upon a time", "--max-tokens", "8", "--kv-cache", "int8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 8
+    with pytest.raises(SystemExit):
+        main(["generate", "stories260k", "hi", "--kv-cache", "int4"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import SlimswarmError
 
 DTYPES = ("float32", "bfloat16")
+KV_DTYPES = ("fp32", "bf16", "fp16", "int8")  # models.llama.KV_DTYPES (not imported: the CLI starts without torch)
 
 
 def _load(args):
@@ -18,7 +19,10 @@ def _load(args):
 
     from .models.load import load
 
-    return load(args.model, dtype=getattr(torch, args.dtype), tokenizer=getattr(args, "tokenizer", None))
+    loaded = load(args.model, dtype=getattr(torch, args.dtype), tokenizer=getattr(args, "tokenizer", None))
+    if getattr(args, "kv_cache", None):
+        loaded.model.kv_dtype = args.kv_cache
+    return loaded
 
 
 def _read_text(path: str | None) -> tuple[str, str]:
@@ -471,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", default=default)
         sp.add_argument("--dtype", choices=DTYPES, default="float32")
         sp.add_argument("--tokenizer", help="tokenizer file for a llama2.c .bin (default: tok512.model beside it)")
+        sp.add_argument("--kv-cache", choices=KV_DTYPES, help="KV cache storage (default: the activations' dtype; "
+                        "int8: one fp32 scale per head and token)")
 
     e = sub.add_parser("eval", help="perplexity, KL and sizes")
     model_args(e)

@@ -45,7 +45,7 @@ class Stage(nn.Module):
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.self_attn.cache is not None
-                   for t in (layer.self_attn.cache.k, layer.self_attn.cache.v))
+                   for t in layer.self_attn.cache.slot_tensors())
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:

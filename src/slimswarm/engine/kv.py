@@ -24,16 +24,16 @@ from ..models.llama import KVCache
 BLOCK = 16
 
 
-def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
-    """Bytes of K and V one token occupies across all layers."""
-    dtype = dtype or model.dtype
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * layer.self_attn.n_kv * layer.self_attn.head_dim * size for layer in model.model.layers)
+def kv_bytes_per_token(model, dtype: "torch.dtype | str | None" = None) -> int:
+    """Bytes of K and V one token occupies across all layers (int8: codes plus one fp32 scale per head)."""
+    kind = model.kv_storage(dtype)
+    size, scale = {"fp32": (4, 0), "bf16": (2, 0), "fp16": (2, 0), "int8": (1, 4)}[kind]
+    return sum(2 * layer.self_attn.n_kv * (layer.self_attn.head_dim * size + scale) for layer in model.model.layers)
 
 
-def make_caches(model, rows: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+def make_caches(model, rows: int, max_len: int, dtype: "torch.dtype | str | None" = None) -> list[KVCache]:
     """One zeroed cache per decoder layer, outside inference mode so it is writable from anywhere."""
-    dtype = dtype or model.dtype
+    dtype = model.kv_storage(dtype)
     with torch.inference_mode(False), torch.no_grad():
         return [KVCache(rows, layer.self_attn.n_kv, max_len, layer.self_attn.head_dim, dtype, model.device)
                 for layer in model.model.layers]
@@ -59,15 +59,15 @@ def installed(model, caches: list[KVCache]):
 def move_row(caches: list[KVCache], src: int, dst: int, length: int) -> None:
     """Copy the first ``length`` slots of cache row ``src`` into row ``dst``."""
     for c in caches:
-        c.k[dst, :, :length] = c.k[src, :, :length]
-        c.v[dst, :, :length] = c.v[src, :, :length]
+        for t in c.slot_tensors():
+            t[dst, :, :length] = t[src, :, :length]
 
 
 def _chain(prev: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(prev + torch.tensor(tokens, dtype=torch.int64).numpy().tobytes(), digest_size=16).digest()
 
 
-def _nbytes(blk: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+def _nbytes(blk: list[tuple[torch.Tensor, ...]]) -> int:
     return sum(t.numel() * t.element_size() for kv in blk for t in kv)
 
 
@@ -77,8 +77,9 @@ class PrefixCache:
     def __init__(self, budget_bytes: int = 256 << 20, block: int = BLOCK):
         self.budget = budget_bytes
         self.block = block
-        # key -> per layer (k, v) [kv, block, hd]; a list, not one tensor: pruned layers may differ in kv heads
-        self.blocks: OrderedDict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        # key -> per layer (k, v) [kv, block, hd] (+ their scales [kv, block] for an int8 cache); a list, not one
+        # tensor: pruned layers may differ in kv heads
+        self.blocks: OrderedDict[bytes, list[tuple[torch.Tensor, ...]]] = OrderedDict()
         self.bytes = 0
         self.lookups = self.hits = self.hit_blocks = self.hit_tokens = self.inserted = self.evicted = 0
 
@@ -117,9 +118,12 @@ class PrefixCache:
             return 0
         b = self.block
         for i, blk in enumerate(hit):
-            for c, (k, v) in zip(caches, blk):
-                c.k[row, :, i * b : (i + 1) * b] = k
-                c.v[row, :, i * b : (i + 1) * b] = v
+            for c, parts in zip(caches, blk):
+                dst = c.slot_tensors()
+                if len(dst) != len(parts):
+                    raise ValueError("prefix cache block stored from a KV cache of another dtype")
+                for t, src in zip(dst, parts):
+                    t[row, :, i * b : (i + 1) * b] = src
         self.hits += 1
         self.hit_blocks += len(hit)
         self.hit_tokens += len(hit) * b
@@ -136,8 +140,7 @@ class PrefixCache:
                 self.blocks.move_to_end(k)
                 continue
             with torch.inference_mode(False):
-                blk = [(c.k[row, :, i * b : (i + 1) * b].clone(), c.v[row, :, i * b : (i + 1) * b].clone())
-                       for c in caches]
+                blk = [tuple(t[row, :, i * b : (i + 1) * b].clone() for t in c.slot_tensors()) for c in caches]
             size = _nbytes(blk)
             if size > self.budget:
                 return

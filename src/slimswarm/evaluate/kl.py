@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..progress import progress
-from .perplexity import windows_of
+from .perplexity import full_logits, windows_of
 
 
 @torch.inference_mode()
@@ -23,8 +23,8 @@ def kl_divergence(reference, candidate, tokenizer, text: str, window: int = 512,
     dev = reference.device
     for i in progress(range(0, len(seqs), batch_size), "KL", total=math.ceil(len(seqs) / batch_size)):
         batch = torch.tensor(seqs[i : i + batch_size], device=dev)
-        p = F.log_softmax(reference(batch).float(), -1)
-        q = F.log_softmax(candidate(batch.to(candidate.device)).float().to(dev), -1)
+        p = F.log_softmax(full_logits(reference, batch).float(), -1)
+        q = F.log_softmax(full_logits(candidate, batch.to(candidate.device)).float().to(dev), -1)
         total += F.kl_div(q, p, log_target=True, reduction="sum").item()
         agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
         count += batch.numel()

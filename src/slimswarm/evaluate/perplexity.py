@@ -35,6 +35,18 @@ def windows_of(ids: list[int], window: int, max_tokens: int | None, source: str 
     return [ids[i * window : (i + 1) * window] for i in range(n)]
 
 
+def full_logits(model, batch: torch.Tensor) -> torch.Tensor:
+    """Logits of every position of ``batch`` [B, T]. With a KV cache storage set (``model.kv_dtype``: bf16, fp16,
+    int8) the keys and values go through such a cache (written, then read back), so its rounding is what is scored."""
+    if getattr(model, "kv_dtype", None) is None:
+        return model(batch)
+    model.setup_cache(batch.shape[0], batch.shape[1])
+    try:
+        return model(batch, 0)
+    finally:
+        model.clear_cache()
+
+
 @torch.inference_mode()
 def sequence_nll(model, seqs: list[list[int]], batch_size: int = 4, desc: str = "perplexity") -> tuple[float, int]:
     """Summed next-token NLL over equal-length sequences (each predicts tokens 1..T-1), and the count."""
@@ -43,7 +55,7 @@ def sequence_nll(model, seqs: list[list[int]], batch_size: int = 4, desc: str = 
     dev = model.device
     for i in progress(range(0, len(seqs), batch_size), desc, total=math.ceil(len(seqs) / batch_size)):
         batch = torch.tensor(seqs[i : i + batch_size], device=dev)
-        logits = model(batch)[:, :-1].float()
+        logits = full_logits(model, batch)[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     return total, count

@@ -27,7 +27,7 @@
 #define MAXT 64
 
 enum { F_F32 = 0, F_BF16 = 1, F_Q8 = 2, F_Q4 = 3 };
-enum { C_F32 = 0, C_BF16 = 1 };
+enum { C_F32 = 0, C_BF16 = 1, C_F16 = 2, C_I8 = 3 }; /* KV cache storage */
 
 typedef struct {
     int32_t fmt, pad_;
@@ -45,6 +45,7 @@ typedef struct {
     const float *ln1, *ln2; /* fp32 [H] */
     void *kc, *vc;          /* cache [rows, n_kv, cache_len, hd] */
     ss_lin q, k, v, o, gate, up, down;
+    float *ks, *vs;         /* int8 cache: fp32 scale of each (row, head, slot) [rows, n_kv, cache_len]; else NULL */
 } ss_layer;
 
 typedef struct {
@@ -750,8 +751,53 @@ static void rope(float *v, int64_t hd, const float *cs, const float *sn) {
     }
 }
 
-static inline float cache_get(const void *base, int dt, int64_t i) {
-    return dt == C_F32 ? ((const float *)base)[i] : bf16f(((const uint16_t *)base)[i]);
+static inline float dot_f16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8))), _mm256_loadu_ps(x + k + 8),
+                             a1);
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; k < n; k++) s += _cvtsh_ss(w[k]) * x[k];
+    return s;
+}
+
+/* q . (codes * scale), the de-quantized values formed first as the Python path forms them (codes * scale in fp32) */
+static inline float dot_i8s(const int8_t *w, float sc, const float *x, int64_t n) {
+    const __m256 vs = _mm256_set1_ps(sc);
+    __m256 a0 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const __m256 wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k)))), vs);
+        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a0);
+    }
+    float s = hsum(a0);
+    for (; k < n; k++) s += ((float)w[k] * sc) * x[k];
+    return s;
+}
+
+/* one slot's K or V into the cache in its storage (int8: absmax/127 scale, round half to even as torch.round) */
+static void cache_put(void *base, float *scales, int dt, int64_t slot, int64_t hd, const float *x) {
+    const int64_t o = slot * hd;
+    if (dt == C_F32)
+        memcpy((float *)base + o, x, sizeof(float) * hd);
+    else if (dt == C_BF16)
+        for (int64_t d = 0; d < hd; d++) ((uint16_t *)base)[o + d] = f2bf16(x[d]);
+    else if (dt == C_F16)
+        for (int64_t d = 0; d < hd; d++) ((uint16_t *)base)[o + d] = _cvtss_sh(x[d], _MM_FROUND_TO_NEAREST_INT);
+    else {
+        float amax = 0.f;
+        for (int64_t d = 0; d < hd; d++) amax = fmaxf(amax, fabsf(x[d]));
+        float sc = amax / 127.f;
+        if (!(sc > 0.f)) sc = 1.f;
+        for (int64_t d = 0; d < hd; d++) {
+            long q = lrintf(x[d] / sc);
+            ((int8_t *)base)[o + d] = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+        }
+        scales[slot] = sc;
+    }
 }
 
 static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, float *sc) {
@@ -762,16 +808,12 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
     const int dt = md->cache_dtype;
     float *kk = c->k + m * nkv * hd + kvh * hd, *vv = c->v + m * nkv * hd + kvh * hd;
     rope(kk, hd, cs, sn);
-    const int64_t base = (row * nkv + kvh) * S * hd;
-    if (dt == C_F32) {
-        memcpy((float *)L->kc + base + s * hd, kk, sizeof(float) * hd);
-        memcpy((float *)L->vc + base + s * hd, vv, sizeof(float) * hd);
-    } else {
-        for (int64_t d = 0; d < hd; d++) {
-            ((uint16_t *)L->kc)[base + s * hd + d] = f2bf16(kk[d]);
-            ((uint16_t *)L->vc)[base + s * hd + d] = f2bf16(vv[d]);
-        }
-    }
+    const int64_t base = (row * nkv + kvh) * S * hd, sbase = (row * nkv + kvh) * S;
+    const size_t esz = dt == C_F32 ? 4 : dt == C_I8 ? 1 : 2;
+    char *kb = (char *)L->kc + base * esz, *vb = (char *)L->vc + base * esz;
+    float *kscale = L->ks ? L->ks + sbase : NULL, *vscale = L->vs ? L->vs + sbase : NULL;
+    cache_put(kb, kscale, dt, s, hd, kk);
+    cache_put(vb, vscale, dt, s, hd, vv);
     const int64_t lo = p <= s ? p : s; /* a padded query sees only itself */
     const float scale = 1.f / sqrtf((float)hd);
     for (int64_t qi = 0; qi < g; qi++) {
@@ -782,9 +824,13 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
         for (int64_t j = lo; j <= s; j++) {
             float d;
             if (dt == C_F32)
-                d = dot_f32(qq, (const float *)L->kc + base + j * hd, hd);
+                d = dot_f32(qq, (const float *)kb + j * hd, hd);
+            else if (dt == C_BF16)
+                d = dot_bf16((const uint16_t *)kb + j * hd, qq, hd);
+            else if (dt == C_F16)
+                d = dot_f16((const uint16_t *)kb + j * hd, qq, hd);
             else
-                d = dot_bf16((const uint16_t *)L->kc + base + j * hd, qq, hd);
+                d = dot_i8s((const int8_t *)kb + j * hd, kscale[j], qq, hd);
             d *= scale;
             sc[j] = d;
             mx = d > mx ? d : mx;
@@ -800,11 +846,18 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
         for (int64_t j = lo; j <= s; j++) {
             const float w = sc[j] * inv;
             if (dt == C_F32) {
-                const float *vr = (const float *)L->vc + base + j * hd;
+                const float *vr = (const float *)vb + j * hd;
                 for (int64_t d = 0; d < hd; d++) out[d] += w * vr[d];
-            } else {
-                const uint16_t *vr = (const uint16_t *)L->vc + base + j * hd;
+            } else if (dt == C_BF16) {
+                const uint16_t *vr = (const uint16_t *)vb + j * hd;
                 for (int64_t d = 0; d < hd; d++) out[d] += w * bf16f(vr[d]);
+            } else if (dt == C_F16) {
+                const uint16_t *vr = (const uint16_t *)vb + j * hd;
+                for (int64_t d = 0; d < hd; d++) out[d] += w * _cvtsh_ss(vr[d]);
+            } else {
+                const int8_t *vr = (const int8_t *)vb + j * hd;
+                const float vsj = vscale[j];
+                for (int64_t d = 0; d < hd; d++) out[d] += w * ((float)vr[d] * vsj);
             }
         }
     }

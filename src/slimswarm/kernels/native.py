@@ -8,7 +8,7 @@ per row for the quantized layers (a different model: see benchmarks/results/nati
 
 What it reads, without copies: float weights (fp32/bf16) where the model keeps them, the quantized layers' codes and
 fp32 scale/zero caches (``QuantLinear.native_weight``), the adapter bank's stacked A/B and per-row slots
-(``MultiLoRALinear``), and the KV cache tensors the model has installed (fp32 or bf16, [rows, kv, slots, hd]).
+(``MultiLoRALinear``), and the KV cache tensors the model has installed (fp32, bf16, fp16, or int8 codes with a scale per head and slot; [rows, kv, slots, hd]).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ISA_FLAGS = {
     "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
 }
 _FMT = {torch.float32: 0, torch.bfloat16: 1, "q8": 2, "q4": 3}
-_CACHE_DT = {torch.float32: 0, torch.bfloat16: 1}
+_CACHE_DT = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
 
 _libs: dict[str, ctypes.CDLL | str] = {}
 _warned: set[str] = set()
@@ -133,7 +133,8 @@ class _Lin(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("n_heads", ctypes.c_int32), ("n_kv", ctypes.c_int32), ("inter", ctypes.c_int64),
                 ("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
-                *[(n, _Lin) for n in ("q", "k", "v", "o", "gate", "up", "down")]]
+                *[(n, _Lin) for n in ("q", "k", "v", "o", "gate", "up", "down")],
+                ("ks", ctypes.c_void_p), ("vs", ctypes.c_void_p)]
 
 
 class _Model(ctypes.Structure):
@@ -300,14 +301,16 @@ class NativeStep:
         for i, (c, L) in enumerate(zip(caches, self.layers)):
             if c is None:
                 raise Unsupported(f"layer {i} has no KV cache installed")
-            if c.k.dtype not in _CACHE_DT or c.k.dtype != c.v.dtype or not (c.k.is_contiguous() and c.v.is_contiguous()):
-                raise Unsupported(f"layer {i}: KV cache dtype {c.k.dtype} (fp32 or bf16, contiguous)")
-            if dt is not None and c.k.dtype != dt:
+            kind = getattr(c, "kind", None)
+            if kind not in _CACHE_DT or not all(t.is_contiguous() for t in c.slot_tensors()):
+                raise Unsupported(f"layer {i}: KV cache {kind or c.k.dtype} (fp32, bf16, fp16 or int8, contiguous)")
+            if dt is not None and kind != dt:
                 raise Unsupported("KV caches of different dtypes")
-            dt = c.k.dtype
+            dt = kind
             if L.n_heads and tuple(c.k.shape[1::2]) != (L.n_kv, m.head_dim):
                 raise Unsupported(f"layer {i}: KV cache shape {tuple(c.k.shape)}")
             L.kc, L.vc = c.k.data_ptr(), c.v.data_ptr()
+            L.ks, L.vs = (None, None) if c.ks is None else (c.ks.data_ptr(), c.vs.data_ptr())
         m.cache_rows, m.cache_len = caches[0].k.shape[0], caches[0].k.shape[2]
         m.cache_dtype = _CACHE_DT[dt]
         self._caches = caches

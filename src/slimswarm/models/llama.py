@@ -288,24 +288,80 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+KV_DTYPES = ("fp32", "bf16", "fp16", "int8")
+_KV_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def kv_kind(dtype: "torch.dtype | str") -> str:
+    """The cache storage name for a torch dtype or a name (fp32, bf16, fp16, int8); ValueError naming the value."""
+    if isinstance(dtype, str):
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV cache dtype {dtype!r}: use one of {', '.join(KV_DTYPES)}")
+        return dtype
+    for k, t in _KV_TORCH.items():
+        if t == dtype:
+            return k
+    raise ValueError(f"KV cache dtype {dtype}: use one of {', '.join(KV_DTYPES)}")
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp32 scales of K or V [..., head_dim]: one scale per (row, head, slot), absmax / 127
+    (a zero vector gets scale 1). Round half to even, the same rule as the native step's lrintf."""
+    xf = x.float()
+    s = xf.abs().amax(-1) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(xf / s[..., None]).clamp_(-127, 127).to(torch.int8), s
+
+
 class KVCache(nn.Module):
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+    """K and V of ``batch`` rows, [rows, kv_heads, slots, head_dim], stored as fp32, bf16, fp16 or int8 codes with
+    an fp32 scale per (row, head, slot) in ``ks``/``vs`` [rows, kv_heads, slots]. ``read`` returns floats."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype: "torch.dtype | str", device):
         super().__init__()
+        self.kind = kv_kind(dtype)
         shape = (batch, n_kv, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        store = torch.int8 if self.kind == "int8" else _KV_TORCH[self.kind]
+        self.register_buffer("k", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        if self.kind == "int8":
+            self.register_buffer("ks", torch.ones(shape[:3], dtype=torch.float32, device=device), persistent=False)
+            self.register_buffer("vs", torch.ones(shape[:3], dtype=torch.float32, device=device), persistent=False)
+        else:
+            self.ks = self.vs = None
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every tensor indexed [row, head, slot, ...]: what a row move or a prefix block copies."""
+        return [self.k, self.v] if self.ks is None else [self.k, self.v, self.ks, self.vs]
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, row0: int = 0) -> None:
         """Write k, v [B, kv, T, hd] into cache rows row0..row0+B-1 at slots start..start+T-1."""
         b, t = k.shape[0], k.shape[2]
+        if self.ks is not None:
+            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+            parts = [(self.k, k), (self.v, v), (self.ks, ks), (self.vs, vs)]
+        else:
+            parts = [(self.k, k), (self.v, v)]
         if isinstance(start, int):
-            self.k[row0 : row0 + b, :, start : start + t] = k
-            self.v[row0 : row0 + b, :, start : start + t] = v
+            for dst, src in parts:
+                dst[row0 : row0 + b, :, start : start + t] = src
         else:  # per-row slots: rows of a continuous batch sit at different positions
             rows = row0 + torch.arange(b, device=k.device)[:, None]
             slots = start[:, None] + torch.arange(t, device=k.device)
-            self.k[rows, :, slots] = k.transpose(1, 2)
-            self.v[rows, :, slots] = v.transpose(1, 2)
+            for dst, src in parts:
+                dst[rows, :, slots] = src.transpose(1, 2).to(dst.dtype)
+
+    def read(self, row0: int, b: int, kv_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [b, kv, kv_len, hd] of rows row0.. as ``dtype`` (a view when the storage already is ``dtype``)."""
+        k, v = self.k[row0 : row0 + b, :, :kv_len], self.v[row0 : row0 + b, :, :kv_len]
+        if self.ks is not None:
+            k = k.to(torch.float32) * self.ks[row0 : row0 + b, :, :kv_len, None]
+            v = v.to(torch.float32) * self.vs[row0 : row0 + b, :, :kv_len, None]
+        return k.to(dtype), v.to(dtype)
+
+    def bytes_per_slot(self) -> int:
+        """Bytes one token occupies in this layer's cache (K and V, scales included)."""
+        return sum(t[0, :, 0].numel() * t.element_size() for t in self.slot_tensors())
 
 
 class Attention(nn.Module):
@@ -328,7 +384,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.cache is not None:
             self.cache.write(k, v, start, row0)
-            k, v = self.cache.k[row0 : row0 + b, :, :kv_len], self.cache.v[row0 : row0 + b, :, :kv_len]
+            k, v = self.cache.read(row0, b, kv_len, q.dtype)
         gqa = self.n_heads != self.n_kv
         if t == 1:
             # One query per row (decode): plain matmuls over [B, kv, group, S] beat the SDPA kernel's setup cost.
@@ -396,6 +452,7 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
         self.cache_batch = 0
         self.cache_len = 0
+        self.kv_dtype: str | None = None  # KV cache storage for new caches (fp32, bf16, fp16, int8); None: activations'
 
     @property
     def device(self) -> torch.device:
@@ -407,12 +464,17 @@ class CausalLM(nn.Module):
         return self.model.norm.weight.dtype
 
     # -- cache ---------------------------------------------------------------------------------
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+    def kv_storage(self, dtype: "torch.dtype | str | None" = None) -> str:
+        """The KV cache storage a new cache gets: ``dtype``, else ``self.kv_dtype`` (set by users: fp32, bf16,
+        fp16, int8), else the activation dtype."""
+        return kv_kind(dtype or getattr(self, "kv_dtype", None) or self.dtype)
+
+    def setup_cache(self, batch: int, max_len: int, dtype: "torch.dtype | str | None" = None) -> None:
         """Preallocate a KV cache for ``batch`` rows of ``max_len`` slots (reused when it already fits)."""
-        dtype = dtype or self.dtype
+        dtype = self.kv_storage(dtype)
         if batch <= self.cache_batch and max_len <= self.cache_len:
             first = self.model.layers[0].self_attn.cache
-            if first is not None and first.k.dtype == dtype:
+            if first is not None and first.kind == dtype:
                 return
         # Normal (not inference-mode) tensors, so the cache works both inside and outside inference_mode.
         with torch.inference_mode(False), torch.no_grad():
