@@ -628,7 +628,8 @@ ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
         b->xqs = amalloc(sizeof(int32_t) * MAXM * (KX + 8));
         b->xqsf = amalloc(sizeof(float) * MAXM * (KX + 8));
         b->lt = amalloc(sizeof(float) * MAXM * R);
-        b->sc = amalloc(sizeof(float) * (md->cache_len + 16));
+        /* scores of every query head of a kv group (a pruned layer may have one kv head for all its heads) */
+        b->sc = amalloc(sizeof(float) * (md->max_q / md->head_dim + 1) * (md->cache_len + 16) + sizeof(float) * 4 * md->head_dim);
         ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->xqsf && b->lt && b->sc;
     }
     if (!ok) {
@@ -751,33 +752,6 @@ static void rope(float *v, int64_t hd, const float *cs, const float *sn) {
     }
 }
 
-static inline float dot_f16(const uint16_t *w, const float *x, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8))), _mm256_loadu_ps(x + k + 8),
-                             a1);
-    }
-    float s = hsum(_mm256_add_ps(a0, a1));
-    for (; k < n; k++) s += _cvtsh_ss(w[k]) * x[k];
-    return s;
-}
-
-/* q . (codes * scale), the de-quantized values formed first as the Python path forms them (codes * scale in fp32) */
-static inline float dot_i8s(const int8_t *w, float sc, const float *x, int64_t n) {
-    const __m256 vs = _mm256_set1_ps(sc);
-    __m256 a0 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8) {
-        const __m256 wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k)))), vs);
-        a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), a0);
-    }
-    float s = hsum(a0);
-    for (; k < n; k++) s += ((float)w[k] * sc) * x[k];
-    return s;
-}
-
 /* one slot's K or V into the cache in its storage (int8: absmax/127 scale, round half to even as torch.round) */
 static void cache_put(void *base, float *scales, int dt, int64_t slot, int64_t hd, const float *x) {
     const int64_t o = slot * hd;
@@ -800,6 +774,55 @@ static void cache_put(void *base, float *scales, int dt, int64_t slot, int64_t h
     }
 }
 
+/* exp(x) for 8 lanes: x = n ln2 + r (|r| <= ln2/2, ln2 split in two for precision), e^r by a degree-6 polynomial,
+ * 2^n through the exponent bits; relative error ~2e-7 on [-88, 88], 0 below. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+/* one cached K or V row as floats: the row itself (fp32) or its conversion into tmp */
+static inline const float *cache_row(const char *base, const float *scales, int dt, int64_t j, int64_t hd, float *tmp) {
+    if (dt == C_F32) return (const float *)base + j * hd;
+    if (dt == C_BF16) {
+        const uint16_t *r = (const uint16_t *)base + j * hd;
+        int64_t d = 0;
+        for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(tmp + d, load_bf16(r + d));
+        for (; d < hd; d++) tmp[d] = bf16f(r[d]);
+    } else if (dt == C_F16) {
+        const uint16_t *r = (const uint16_t *)base + j * hd;
+        int64_t d = 0;
+        for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(tmp + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + d))));
+        for (; d < hd; d++) tmp[d] = _cvtsh_ss(r[d]);
+    } else { /* codes * scale in fp32, as the Python path de-quantizes */
+        const int8_t *r = (const int8_t *)base + j * hd;
+        const float sj = scales[j];
+        const __m256 vs = _mm256_set1_ps(sj);
+        int64_t d = 0;
+        for (; d + 8 <= hd; d += 8)
+            _mm256_storeu_ps(tmp + d, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                        _mm_loadl_epi64((const __m128i *)(r + d)))), vs));
+        for (; d < hd; d++) tmp[d] = (float)r[d] * sj;
+    }
+    return tmp;
+}
+
+/* Attention of row m's query heads of kv head kvh. Each cached K and V row is read (and converted) once for all
+ * the group's query heads (GQA: 3 per kv head in SmolLM2), scores and softmax weights are vectorized. */
 static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, float *sc) {
     const ss_model *md = c->md;
     const int64_t hd = md->head_dim, S = md->cache_len, nkv = L->n_kv, nh = L->n_heads, g = nh / nkv;
@@ -815,50 +838,62 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
     cache_put(kb, kscale, dt, s, hd, kk);
     cache_put(vb, vscale, dt, s, hd, vv);
     const int64_t lo = p <= s ? p : s; /* a padded query sees only itself */
+    const int64_t SP = S + 16;         /* row stride of the per-head score rows in sc */
+    float *tmp = sc + g * SP;
     const float scale = 1.f / sqrtf((float)hd);
+    float *qs[64];
     for (int64_t qi = 0; qi < g; qi++) {
-        const int64_t head = kvh * g + qi;
-        float *qq = c->q + m * nh * hd + head * hd;
-        rope(qq, hd, cs, sn);
+        qs[qi] = c->q + m * nh * hd + (kvh * g + qi) * hd;
+        rope(qs[qi], hd, cs, sn);
+    }
+    for (int64_t j = lo; j <= s; j++) {
+        const float *kr = cache_row(kb, kscale, dt, j, hd, tmp);
+        for (int64_t qi = 0; qi < g; qi++) sc[qi * SP + j] = dot_f32(qs[qi], kr, hd) * scale;
+    }
+    for (int64_t qi = 0; qi < g; qi++) { /* softmax over slots lo..s, in place */
+        float *r = sc + qi * SP;
+        __m256 vm = _mm256_set1_ps(-INFINITY);
+        int64_t j = lo;
+        for (; j + 8 <= s + 1; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(r + j));
         float mx = -INFINITY;
-        for (int64_t j = lo; j <= s; j++) {
-            float d;
-            if (dt == C_F32)
-                d = dot_f32(qq, (const float *)kb + j * hd, hd);
-            else if (dt == C_BF16)
-                d = dot_bf16((const uint16_t *)kb + j * hd, qq, hd);
-            else if (dt == C_F16)
-                d = dot_f16((const uint16_t *)kb + j * hd, qq, hd);
-            else
-                d = dot_i8s((const int8_t *)kb + j * hd, kscale[j], qq, hd);
-            d *= scale;
-            sc[j] = d;
-            mx = d > mx ? d : mx;
+        {
+            float t8[8];
+            _mm256_storeu_ps(t8, vm);
+            for (int i = 0; i < 8; i++) mx = t8[i] > mx ? t8[i] : mx;
         }
-        float sum = 0.f;
-        for (int64_t j = lo; j <= s; j++) {
-            sc[j] = expf(sc[j] - mx);
-            sum += sc[j];
+        for (; j <= s; j++) mx = r[j] > mx ? r[j] : mx;
+        const __m256 vmx = _mm256_set1_ps(mx);
+        __m256 vsum = _mm256_setzero_ps();
+        j = lo;
+        for (; j + 8 <= s + 1; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + j), vmx));
+            _mm256_storeu_ps(r + j, e);
+            vsum = _mm256_add_ps(vsum, e);
         }
+        float sum = hsum(vsum);
+        for (; j <= s; j++) {
+            r[j] = expf(r[j] - mx);
+            sum += r[j];
+        }
+        const __m256 vinv = _mm256_set1_ps(1.f / sum);
         const float inv = 1.f / sum;
-        float *out = c->att + m * nh * hd + head * hd;
+        j = lo;
+        for (; j + 8 <= s + 1; j += 8) _mm256_storeu_ps(r + j, _mm256_mul_ps(_mm256_loadu_ps(r + j), vinv));
+        for (; j <= s; j++) r[j] *= inv;
+    }
+    for (int64_t qi = 0; qi < g; qi++) {
+        float *out = c->att + m * nh * hd + (kvh * g + qi) * hd;
         for (int64_t d = 0; d < hd; d++) out[d] = 0.f;
-        for (int64_t j = lo; j <= s; j++) {
-            const float w = sc[j] * inv;
-            if (dt == C_F32) {
-                const float *vr = (const float *)vb + j * hd;
-                for (int64_t d = 0; d < hd; d++) out[d] += w * vr[d];
-            } else if (dt == C_BF16) {
-                const uint16_t *vr = (const uint16_t *)vb + j * hd;
-                for (int64_t d = 0; d < hd; d++) out[d] += w * bf16f(vr[d]);
-            } else if (dt == C_F16) {
-                const uint16_t *vr = (const uint16_t *)vb + j * hd;
-                for (int64_t d = 0; d < hd; d++) out[d] += w * _cvtsh_ss(vr[d]);
-            } else {
-                const int8_t *vr = (const int8_t *)vb + j * hd;
-                const float vsj = vscale[j];
-                for (int64_t d = 0; d < hd; d++) out[d] += w * ((float)vr[d] * vsj);
-            }
+    }
+    for (int64_t j = lo; j <= s; j++) {
+        const float *vr = cache_row(vb, vscale, dt, j, hd, tmp);
+        for (int64_t qi = 0; qi < g; qi++) {
+            float *out = c->att + m * nh * hd + (kvh * g + qi) * hd;
+            const __m256 w = _mm256_set1_ps(sc[qi * SP + j]);
+            int64_t d = 0;
+            for (; d + 8 <= hd; d += 8)
+                _mm256_storeu_ps(out + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(out + d)));
+            for (; d < hd; d++) out[d] += sc[qi * SP + j] * vr[d];
         }
     }
 }

@@ -247,6 +247,8 @@ class NativeStep:
                 raise Unsupported(f"layer {i}: head_dim {a.head_dim} differs from the config's {hd}")
             if L.n_heads and (L.n_kv == 0 or L.n_heads % L.n_kv):
                 raise Unsupported(f"layer {i}: {L.n_heads} query heads for {L.n_kv} kv heads")
+            if L.n_heads and L.n_heads // L.n_kv > 64:
+                raise Unsupported(f"layer {i}: {L.n_heads // L.n_kv} query heads share a kv head (the step takes 64)")
             inter = int(mlp.down_proj.in_features)
             L.inter = inter
             L.ln1 = _ptr(_keep(keep, _norm(layer.input_layernorm, f"layer {i} input_layernorm", h)))
