@@ -59,7 +59,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cands = [(name, kv) for name in models for kv in ("fp32", "bf16", "fp16", "int8")]
     acc = {c: {"nll": 0.0, "kl": 0.0, "agree": 0, "n": 0} for c in cands}
-    seqs = windows_of(tok.encode(text), args.window, args.kv_tokens, source)
+    seqs = windows_of(tok.encode(text), args.window, args.kv_tokens, source) if args.kv_tokens else []
     ref = models["fp32"]
     with torch.inference_mode():
         for i in range(0, len(seqs), 4):  # the reference once per batch, every candidate against it
@@ -77,7 +77,7 @@ def main() -> None:
                 a["agree"] += int((p.argmax(-1) == q.argmax(-1)).sum())
                 a["n"] += batch.numel()
             print(f"[{time.perf_counter() - t0:6.0f}s] KV part: {min(i + 4, len(seqs))}/{len(seqs)} windows", flush=True)
-    for (name, kv), a in acc.items():
+    for (name, kv), a in (acc.items() if seqs else ()):
         n_pred = a["n"] - a["n"] // args.window  # each window predicts window-1 tokens
         models[name].kv_dtype = kv
         rows.append({"weights": name, "option": f"kv {kv}", "kv_bytes_per_token": kv_bytes_per_token(models[name]),

@@ -298,10 +298,23 @@ typedef struct {
     float *xp;    /* Q4: x permuted so a 32-byte block's low nibbles meet xp[0..32) and high ones xp[32..64) */
     float *xs;    /* [M, G] group sums of x (fp32 path) */
     int8_t *xq;   /* int8 path: quantized x (permuted like xp for Q4) */
-    int32_t *xqs; /* [M, G] group sums of xq */
-    float *xqsf;  /* the same as floats */
-    float sx[MAXM];
+    int32_t *xqs; /* [M, A] sums of xq over each activation group */
+    float *xqsf;  /* [M, G] sum of the de-quantized x over each weight group (the zero-point term's input) */
+    float *sxa;   /* [M, A] the scale of each activation group */
+    int64_t ag, A; /* activation group width (divides gs) and groups a row */
 } prep_t;
+
+/* Columns that share one int8 scale of x: the weight group when it is at most 128 wide, else the widest of
+ * 128/64 (4-bit: whole 64-column blocks of the nibble order) or 128/96/64/32 (8-bit) that divides it. One scale
+ * per row (what the first version did) cost SmolLM2 +4.5% perplexity at w8: a few outlier channels set the
+ * scale of all 576; per 32-128 columns is close to llama.cpp's Q8_0 activations (one scale per 32). */
+static int64_t act_group(int64_t gs, int q4) {
+    if (gs <= 128 || gs % 32) return gs;
+    const int64_t w[4] = {128, 96, 64, 32};
+    for (int i = 0; i < 4; i++)
+        if (gs % w[i] == 0 && (!q4 || w[i] % 64 == 0)) return w[i];
+    return gs;
+}
 
 /* Position of column c (within a group of gs) in the permuted order: 64-column blocks, then one 32-column block,
  * then columns in place. Block of 2B columns: byte i holds columns 2i, 2i+1 -> slots i and B+i. */
@@ -329,6 +342,8 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
     if (p->x == x && p->fmt == fmt && p->gs == L->gs && p->K == L->K && p->i8 == use8 && p->M == M) return;
     p->x = x, p->fmt = fmt, p->gs = L->gs, p->K = L->K, p->i8 = use8, p->M = M;
     const int64_t K = L->K, gs = L->gs, G = K / gs;
+    p->ag = act_group(gs, fmt == F_Q4);
+    p->A = K / p->ag;
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float *xp = p->xp + m * K;
@@ -344,17 +359,25 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
             }
             continue;
         }
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
-        const float sx = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / sx;
-        p->sx[m] = sx;
+        const int64_t ag = p->ag, A = p->A, r = gs / ag;
         int8_t *xq = p->xq + m * K;
-        for (int64_t k = 0; k < K; k++) xq[k] = (int8_t)lrintf(xp[k] * inv);
-        for (int64_t g = 0; g < G; g++) {
+        for (int64_t a = 0; a < A; a++) {
+            const int64_t c0 = a * ag; /* the group's columns are the same set in x and in its permuted copy */
+            float amax = 0.f;
+            for (int64_t i = 0; i < ag; i++) amax = fmaxf(amax, fabsf(xr[c0 + i]));
+            const float sx = amax > 0.f ? amax / 127.f : 1.f;
             int32_t s = 0;
-            for (int64_t i = 0; i < gs; i++) s += xq[g * gs + i];
-            p->xqs[m * G + g] = s;
-            p->xqsf[m * G + g] = (float)s;
+            for (int64_t i = 0; i < ag; i++) {
+                xq[c0 + i] = (int8_t)lrintf(xp[c0 + i] / sx); /* division, as torch.round(x / s) */
+                s += xq[c0 + i];
+            }
+            p->sxa[m * A + a] = sx;
+            p->xqs[m * A + a] = s;
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float f = 0.f;
+            for (int64_t a = g * r; a < (g + 1) * r; a++) f += p->sxa[m * A + a] * (float)p->xqs[m * A + a];
+            p->xqsf[m * G + g] = f;
         }
     }
 }
@@ -401,40 +424,42 @@ static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, con
         }
         __m256 acc[MAXM];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G; g++) {
+        const int64_t ag = p->ag, A = p->A, r = gs / ag;
+        for (int64_t a = 0; a < A; a++) { /* activation groups: the weight group's columns, or a slice of them */
+            const int64_t g = a / r, c0 = a * ag;
             __m256i d[MAXM];
             for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
             if (q4) {
-                const uint8_t *qg = qr + g * gs / 2;
+                const uint8_t *qg = qr + c0 / 2;
                 int64_t c = 0;
-                for (; c + 64 <= gs; c += 64) {
+                for (; c + 64 <= ag; c += 64) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c / 2));
                     const __m256i lo = _mm256_and_si256(w, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4);
                     for (int64_t m = 0; m < M; m++) {
-                        const int8_t *xg = p->xq + m * K + g * gs + c;
+                        const int8_t *xg = p->xq + m * K + c0 + c;
                         d[m] = dot_u8s8(d[m], lo, _mm256_loadu_si256((const __m256i *)xg));
                         d[m] = dot_u8s8(d[m], hi, _mm256_loadu_si256((const __m256i *)(xg + 32)));
                     }
                 }
-                if (c < gs) { /* a last block of 32 columns (groups of 96, 160, ...) */
+                if (c < ag) { /* a last block of 32 columns (groups of 96, 160, ...) */
                     const __m256i w = nib16(qg + c / 2);
                     for (int64_t m = 0; m < M; m++)
-                        d[m] = dot_u8s8(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
+                        d[m] = dot_u8s8(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + c0 + c)));
                 }
             } else {
-                const uint8_t *qg = qr + g * gs;
-                for (int64_t c = 0; c < gs; c += 32) {
+                const uint8_t *qg = qr + c0;
+                for (int64_t c = 0; c < ag; c += 32) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c));
                     for (int64_t m = 0; m < M; m++)
-                        d[m] = dot_u8s8_wide(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
+                        d[m] = dot_u8s8_wide(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + c0 + c)));
                 }
             }
-            const __m256 vs = _mm256_set1_ps(sc[g]);
-            for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), vs, acc[m]);
+            for (int64_t m = 0; m < M; m++)
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_set1_ps(sc[g] * p->sxa[m * A + a]), acc[m]);
         }
         const float b = L->bias ? L->bias[n] : 0.f;
         for (int64_t m = 0; m < M; m++) {
-            const float o = p->sx[m] * (hsum(acc[m]) - zero_term(sc, zp, p->xqsf + m * G, G)) + b;
+            const float o = hsum(acc[m]) - zero_term(sc, zp, p->xqsf + m * G, G) + b;
             if (add)
                 y[m * ys + n] += o;
             else
@@ -483,7 +508,6 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
                 for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps(), corr[m] = 0.f;
                 for (int64_t g = 0; g < G; g++) {
                     const uint8_t *qg = qr + (q4 ? g * gs / 2 : g * gs);
-                    const __m256 vs = _mm256_set1_ps(sc[g]);
                     for (int64_t m = 0; m < M; m++) {
                         const int8_t *xg = p->xq + m * K + g * gs;
                         __m256i d = _mm256_setzero_si256();
@@ -512,11 +536,12 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
                             for (; c < gs; c++) tail += qg[c] * xg[c];
                         }
                         if (tail) d = _mm256_add_epi32(d, _mm256_setr_epi32(tail, 0, 0, 0, 0, 0, 0, 0));
-                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), vs, acc[m]);
-                        corr[m] += sc[g] * zp[g] * (float)p->xqs[m * G + g];
+                        /* gs is not a multiple of 32 here: one activation scale per weight group (p->A == G) */
+                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sc[g] * p->sxa[m * G + g]), acc[m]);
+                        corr[m] += sc[g] * zp[g] * p->xqsf[m * G + g];
                     }
                 }
-                for (int64_t m = 0; m < M; m++) out[m] = p->sx[m] * (hsum(acc[m]) - corr[m]);
+                for (int64_t m = 0; m < M; m++) out[m] = hsum(acc[m]) - corr[m];
             } else {
                 float acc[MAXM], corr[MAXM];
                 for (int64_t m = 0; m < M; m++) acc[m] = corr[m] = 0.f;
@@ -590,7 +615,7 @@ typedef struct {
         float *xn, *xp, *xs, *lt, *sc;
         int8_t *xq;
         int32_t *xqs;
-        float *xqsf;
+        float *xqsf, *sxa;
         prep_t prep;
     } tb[MAXT];
 } ss_ctx;
@@ -627,10 +652,11 @@ ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
         b->xq = amalloc(MAXM * (KX + 64));
         b->xqs = amalloc(sizeof(int32_t) * MAXM * (KX + 8));
         b->xqsf = amalloc(sizeof(float) * MAXM * (KX + 8));
+        b->sxa = amalloc(sizeof(float) * MAXM * (KX + 8));
         b->lt = amalloc(sizeof(float) * MAXM * R);
         /* scores of every query head of a kv group (a pruned layer may have one kv head for all its heads) */
         b->sc = amalloc(sizeof(float) * (md->max_q / md->head_dim + 1) * (md->cache_len + 16) + sizeof(float) * 4 * md->head_dim);
-        ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->xqsf && b->lt && b->sc;
+        ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->xqsf && b->sxa && b->lt && b->sc;
     }
     if (!ok) {
         ss_ctx_free(c);
@@ -644,7 +670,7 @@ void ss_ctx_free(ss_ctx *c) {
     free(c->x), free(c->q), free(c->k), free(c->v), free(c->att), free(c->h), free(c->h2), free(c->cs), free(c->sn);
     for (int t = 0; t < MAXT; t++) {
         struct thread_buf *b = &c->tb[t];
-        free(b->xn), free(b->xp), free(b->xs), free(b->xq), free(b->xqs), free(b->xqsf), free(b->lt), free(b->sc);
+        free(b->xn), free(b->xp), free(b->xs), free(b->xq), free(b->xqs), free(b->xqsf), free(b->sxa), free(b->lt), free(b->sc);
     }
     free(c);
 }
@@ -916,7 +942,7 @@ static void job(void *arg, int tid, int nth) {
     const ss_model *md = c->md;
     struct thread_buf *tb = &c->tb[tid];
     prep_t *p = &tb->prep;
-    p->xp = tb->xp, p->xs = tb->xs, p->xq = tb->xq, p->xqs = tb->xqs, p->xqsf = tb->xqsf;
+    p->xp = tb->xp, p->xs = tb->xs, p->xq = tb->xq, p->xqs = tb->xqs, p->xqsf = tb->xqsf, p->sxa = tb->sxa;
     p->x = NULL;
     const int64_t M = c->M, H = md->hidden, hd = md->head_dim;
     const int i8 = md->act_int8;
