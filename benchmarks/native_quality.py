@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--act-tokens", type=int, default=2048, help="tokens decoded per activation path (8 rows)")
     ap.add_argument("--kv-tokens", type=int, default=4096, help="WikiText-2 tokens scored per KV cache storage")
+    ap.add_argument("--act-variants", default="w8,w4g128")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results" / "native_quality"))
@@ -88,7 +89,7 @@ def main() -> None:
         ids = torch.tensor(tok.encode(text[: 40 * args.act_tokens]))
         t = max(2, args.act_tokens // 8)
         ids = ids[: 8 * t].view(8, t)
-        for name in ("w8", "w4g128"):
+        for name in args.act_variants.split(","):
             q = decode_nll(models[name], ids, ("native", "native-int8act"))
             for path in ("native", "native-int8act"):
                 rows.append({"weights": name, "option": "act int8" if path.endswith("int8act") else "act fp32",

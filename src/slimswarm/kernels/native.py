@@ -79,14 +79,16 @@ def pick_isa() -> str:
 def _compile(isa: str) -> ctypes.CDLL:
     src = _SRC.read_bytes()
     flags = ISA_FLAGS[isa]
-    key = hashlib.sha1(src + " ".join(flags).encode()).hexdigest()[:12]
+    key = hashlib.sha1(src + " ".join([*flags, "-Wl,-Bsymbolic"]).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("SLIMSWARM_CACHE", Path.home() / ".cache" / "slimswarm")) / "kernels"
     so = cache / f"decode-{isa}-{key}.so"
     if not so.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        cmd = [os.environ.get("CC", "cc"), "-O3", *flags, "-pthread", "-shared", "-fPIC", str(_SRC), "-o", tmp, "-lm"]
+        # -Bsymbolic: the library calls its own ss_* functions even when another ISA build is loaded in the process
+        cmd = [os.environ.get("CC", "cc"), "-O3", *flags, "-pthread", "-shared", "-fPIC", "-Wl,-Bsymbolic", str(_SRC), "-o",
+               tmp, "-lm"]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         except (OSError, subprocess.TimeoutExpired) as e:
