@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 OURS = {"slimswarm fp32": None, "slimswarm w8": "w8", "slimswarm w4g64": "w4g64-rtn",
-        "slimswarm w4g128": "w4g128-rtn"}
+        "slimswarm w4g128": "w4g128-rtn",
+        # the same checkpoints with int8 activations in the native step (SLIMSWARM_NATIVE_ACT=int8; as llama.cpp's
+        # Q8_0/Q4_0 quantize theirs): +0.5-0.8% ppl, see benchmarks/results/native_quality.md
+        "slimswarm w8 int8-act": "w8", "slimswarm w4g128 int8-act": "w4g128-rtn"}
 LLAMA = {"llama.cpp F32": None, "llama.cpp Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "llama.cpp Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
          "llama.cpp IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL", "llama.cpp Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 ROWS = 8
@@ -299,7 +302,8 @@ def worker_main(kind: str, path: str, mode: str, threads: int, prompt_tokens: in
 
 class Contender:
     def __init__(self, name: str, kind: str, path: Path, mode: str, args):
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src"),
+               "SLIMSWARM_NATIVE_ACT": "int8" if name.endswith("int8-act") else "fp32"}
         self.name, self.kind = name, kind
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", kind, str(path), mode, "--threads", str(args.threads),
@@ -387,6 +391,7 @@ def report(args, names, info, bw, b1, rss1, b8, rss8) -> None:
     by = {r["name"]: r for r in out}
     ratios = []
     for ours, theirs in (("slimswarm fp32", "llama.cpp F32"), ("slimswarm w8", "llama.cpp Q8_0"),
+                         ("slimswarm w8 int8-act", "llama.cpp Q8_0"), ("slimswarm w4g128 int8-act", "llama.cpp Q4_0"),
                          ("slimswarm w4g128", "llama.cpp Q4_0"), ("slimswarm w4g64", "llama.cpp Q4_0"),
                          ("slimswarm w4g128", "llama.cpp IQ4_NL"), ("slimswarm w4g128", "llama.cpp Q4_K_M")):
         if ours in by and theirs in by:
