@@ -939,17 +939,31 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
+/* Built with -DSS_PROFILE (benchmarks/native_profile.py): thread 0 adds the seconds of each phase to ss_prof[]:
+ * 0 q/k/v, 1 attention, 2 o_proj, 3 gate/up + SiLU, 4 down, 5 final norm + LM head, 7 waiting at barriers. */
 #ifdef SS_PROFILE
 #include <time.h>
 double ss_prof[8];
-static inline double pnow(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
-#define PT(i) do { if (tid == 0) { double _t = pnow(); ss_prof[i] += _t - _pt; _pt = _t; } } while (0)
+static inline double pnow(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+#define PT(i)                                                                                                      \
+    do {                                                                                                           \
+        if (tid == 0) {                                                                                            \
+            const double t_ = pnow();                                                                              \
+            ss_prof[i] += t_ - pt_;                                                                                \
+            pt_ = t_;                                                                                              \
+        }                                                                                                          \
+    } while (0)
 #else
-#define PT(i) do { } while (0)
+#define PT(i) ((void)0)
 #endif
+
 static void job(void *arg, int tid, int nth) {
 #ifdef SS_PROFILE
-    double _pt = pnow();
+    double pt_ = pnow();
 #endif
     ss_ctx *c = (ss_ctx *)arg;
     const ss_model *md = c->md;
