@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SlimswarmError
-from .costmodel import decode_seconds_per_token, prefill_seconds_per_token
+from .costmodel import decode_seconds_per_token, prefill_call_seconds
 from .devices import Device, DeviceSet, _pydantic_line, parse_bytes, read_yaml
 from .variants import Variant, VariantsTable, load_variants
 
@@ -137,15 +137,17 @@ def decode_s(v: Variant, dev: Device, table: VariantsTable, layer_share: float =
     return layer_share * (mem + fixed / scale)
 
 
-def prefill_s(v: Variant, dev: Device, table: VariantsTable) -> float:
+def prefill_s(v: Variant, dev: Device, table: VariantsTable, tokens: int) -> float:
+    """One prefill call of ``tokens`` prompt tokens (a quantized variant de-quantizes its layers once a call)."""
     cost, _, scale = device_cost(dev, table)
-    return prefill_seconds_per_token(cost, v.params, scale)
+    return prefill_call_seconds(cost, v.linear_params(), v.layers, tokens, scale)
 
 
 def service_s(a: AgentSpec, v: Variant, dev: Device, table: VariantsTable, layer_share: float = 1.0) -> float:
+    """One request alone: a prefill of its prompt (which yields the first token), then max_tokens - 1 decode steps."""
     mean_ctx = a.prompt_tokens + a.max_tokens // 2  # the KV a decode step reads, on average over the answer
-    return (layer_share * a.prompt_tokens * prefill_s(v, dev, table)
-            + a.max_tokens * decode_s(v, dev, table, layer_share, mean_ctx))
+    return (layer_share * prefill_s(v, dev, table, a.prompt_tokens)
+            + (a.max_tokens - 1) * decode_s(v, dev, table, layer_share, mean_ctx))
 
 
 def runtime_bytes(dev: Device, table: VariantsTable) -> int:
