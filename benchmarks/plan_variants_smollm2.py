@@ -137,11 +137,13 @@ def main():
     print(text)
     # two simulated devices carved out of this machine, for benchmarks/plan_simulated_devices.py
     sim = []
-    for name, mem in (("sim-a", "1.25GiB"), ("sim-b", "0.95GiB")):
+    # sized so that memory binds: fp32 (a ~0.9 GiB process) fits on neither, an 8-bit base with its KV fits on both
+    for name, mem in (("sim-a", "0.75GiB"), ("sim-b", "0.6GiB")):
         other = "sim-b" if name == "sim-a" else "sim-a"
         sim.append({"name": name, "memory_bytes": mem, "bandwidth_gb_s": m.bandwidth_gb_s, "cores": 1, "threads": 1,
                     "cost": c.model_dump(), "links": {other: {"bandwidth_gb_s": 1.0, "latency_ms": 0.6}},
-                    "source": f"carved out of {m.name}: memory a checked budget, one thread, the probed cost fit"})
+                    "source": f"carved out of {m.name}: memory a checked budget, one core (pinned), one thread, the "
+                              "probed cost fit"})
     write_yaml_atomic({"devices": sim}, RESULTS / "devices_simulated.yaml",
                       "# Two simulated devices carved out of this machine (python benchmarks/plan_variants_smollm2.py)"
                       "\n# links: loopback; latency = the per-hop overhead measured by the pipeline runner here.\n")

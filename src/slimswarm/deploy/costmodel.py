@@ -182,9 +182,37 @@ def fit_prefill_line(model, lengths: tuple[int, int] = PREFILL_LENGTHS) -> tuple
     return max(0.0, t0 - n0 * per_token), per_token
 
 
+def solve_decode_fit(bandwidth_gb_s: float, narrow: dict[int, tuple[dict[str, int], float]],
+                     wide: list[tuple[str, dict[str, int], float]], layers: int, rounds: int = 8):
+    """(fixed_s, fixed_s_per_layer, efficiency) from timed models. ``narrow``: layers -> (bytes by format, seconds a
+    token) of two narrow models, whose few bytes are mostly fixed cost; ``wide``: (format, bytes by format, seconds a
+    token) of ``layers``-deep wide models, in fitting order. The narrow models' bytes are taken off at the
+    efficiencies of the previous round, so the split is exact when the timings follow the model."""
+    (n0, (b0, t0)), (n1, (b1, t1)) = sorted(narrow.items())
+    eff: dict[str, float] = {}
+
+    def read_s(by: dict[str, int]) -> float:
+        return sum(b / (bandwidth_gb_s * 1e9 * eff.get(f, eff.get("float32", 1e9))) for f, b in by.items())
+
+    for _ in range(rounds):
+        c0, c1 = t0 - read_s(b0), t1 - read_s(b1)
+        per_layer = max(0.0, (c1 - c0) / (n1 - n0))
+        fixed = max(0.0, c0 - n0 * per_layer)
+        new: dict[str, float] = {}
+        for fmt, by, t in wide:
+            mem_t = max(t - fixed - layers * per_layer, 1e-9)
+            # Each format's efficiency is fitted on its own bytes; the other parts (norms, the int8 head of the
+            # int4 model) are taken at the efficiency their format has so far.
+            rest = sum(b / (bandwidth_gb_s * 1e9 * new.get(f, eff.get(f, new.get("float32", 1e9))))
+                       for f, b in by.items() if f != fmt)
+            new[fmt] = min(1.5, by[fmt] / (bandwidth_gb_s * 1e9 * max(mem_t - rest, 1e-9)))
+        eff = new
+    return fixed, per_layer, eff
+
+
 def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, intermediate: int = 1536, layers: int = 8,
                     vocab: int = 49152, runtime_bytes: int = 0) -> tuple[DecodeCost, list[dict]]:
-    """Fit the cost model here: two narrow random models (2 and 8 layers, negligible bytes) give the fixed cost per
+    """Fit the cost model here: two narrow random models (2 and 8 layers, few bytes) give the fixed cost per
     layer and per token; a SmolLM2-wide one in float32, bfloat16, int8 and int4 gives each format's efficiency and
     its prefill line (a call's cost: float dispatch, or de-quantization for int8/int4; and a token's). Decode is
     timed through ``model(tok, pos)``, which takes the native step when it is on, exactly as generate and the engine
@@ -193,17 +221,16 @@ def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, interme
     from ..compress.recipe import load_recipe
 
     rows = []
-    small = {}
+    narrow = {}
     for n in (2, 8):
         m = random_model(64, n, 128, 256, heads=4, kv=2)
-        small[n] = seconds_per_token(m, steps=32)
+        t = seconds_per_token(m, steps=32)
+        narrow[n] = (bytes_by_format(m), t)
         path = decode_path(m)
         rows.append({"probe": f"narrow-{n}-layers", "layers": n, "bytes_per_token": decode_bytes_per_token(m),
-                     "seconds_per_token": small[n], "decode_path": path})
-        log(f"  narrow model, {n} layers: {small[n] * 1e3:.2f} ms/token ({path} decode step)")
-    per_layer = max(0.0, (small[8] - small[2]) / 6)
-    fixed = max(0.0, small[2] - 2 * per_layer)
-    eff: dict[str, float] = {}
+                     "seconds_per_token": t, "decode_path": path})
+        log(f"  narrow model, {n} layers: {t * 1e3:.2f} ms/token ({path} decode step)")
+    wide = []
     gfl = None
     pre_tok: dict[str, float] = {}
     dequant: dict[str, float] = {}
@@ -224,19 +251,18 @@ def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, interme
             dequant[fmt] = max(0.0, call_s - layers * pre_fixed_layer) / lin[fmt]
         by = bytes_by_format(m)
         t = seconds_per_token(m)
-        mem_t = max(t - fixed - layers * per_layer, 1e-9)
-        # Each format's efficiency is fitted on its own bytes; the small float parts (norms) are taken at float32's.
-        # Formats fitted earlier (the int8 head of the int4 model, float norms) are taken at their efficiency.
-        rest = sum(b / (bandwidth_gb_s * 1e9 * eff.get(f, eff.get("float32", 1.0))) for f, b in by.items() if f != fmt)
-        eff[fmt] = min(1.5, by[fmt] / (bandwidth_gb_s * 1e9 * max(mem_t - rest, 1e-9)))
+        wide.append((fmt, by, t))
         rows.append({"probe": f"wide-{fmt}", "layers": layers, "bytes_per_token": sum(by.values()),
-                     "bytes_by_format": by, "seconds_per_token": t, "efficiency": eff[fmt]})
-        rows[-1].update({"decode_path": decode_path(m), "prefill_call_s": call_s, "prefill_token_s": tok_s, "linear_params": lin[fmt]})
-        log(f"  SmolLM2-wide random model, {layers} layers, {fmt}: {rows[-1]['decode_path']} decode {t * 1e3:.1f} ms/token, "
-            f"{sum(by.values()) / 1e6:.0f} MB a token, efficiency {eff[fmt]:.2f}; prefill {call_s * 1e3:.0f} ms a "
+                     "bytes_by_format": by, "seconds_per_token": t, "decode_path": decode_path(m),
+                     "prefill_call_s": call_s, "prefill_token_s": tok_s, "linear_params": lin[fmt]})
+        log(f"  SmolLM2-wide random model, {layers} layers, {fmt}: {rows[-1]['decode_path']} decode "
+            f"{t * 1e3:.1f} ms/token, {sum(by.values()) / 1e6:.0f} MB a token; prefill {call_s * 1e3:.0f} ms a "
             f"call + {tok_s * 1e3:.2f} ms a token")
         del m
         gc.collect()
+    fixed, per_layer, eff = solve_decode_fit(bandwidth_gb_s, narrow, wide, layers)
+    for r in rows[2:]:
+        r["efficiency"] = eff[r["probe"].removeprefix("wide-")]
     cost = DecodeCost(efficiency=eff, fixed_s_per_layer=per_layer, fixed_s=fixed, prefill_gflops=gfl,
                       prefill_fixed_s_per_layer=pre_fixed_layer, prefill_s_per_param_token=pre_tok,
                       dequant_s_per_param=dequant, runtime_bytes=runtime_bytes)
