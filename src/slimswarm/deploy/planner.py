@@ -4,12 +4,14 @@ and a set of devices, pick every agent's variant and device as one exact MILP (H
 Model, per device d: a base variant is loaded once however many agents use it; each agent adds its adapter and the
 KV cache for its concurrency; a used device adds its runtime floor. An agent's request costs S = P + (max_tokens - 1)
 × decode seconds on its variant and device (the cost model), P the prefill of its prompt (one call, which yields the
-first token). The engine batches decode steps, but a prefill holds up every row, so a request arriving at the device
-finds on average W0 = Σ rate × P² / 2 seconds of prefill ahead of it (Pollaczek-Khinchine residual), and the device
-is busy a fraction ρ = Σ rate × S. The predicted p95 is (S + K × W0) / (1 - ρ), K = 1 / (0.05 e) ≈ 7.36: the waiting
-time's exponential-tail p95, (W0 / ρ) ln(ρ / 0.05), bounded above by its tangent line (exact at ρ = 0.05 e ≈ 0.14,
-above it elsewhere) so the whole model stays linear in the placement; it must not exceed the agent's budget. The
-MILP is exact for this model: the worst p95/budget ratio is found by bisection over feasibility MILPs.
+first token). The engine batches decode steps (another row costs little), but a prefill holds up every row. So what
+delays a request is prefill work: the residual of one in progress when it arrives (on average W0 = Σ rate × P² / 2,
+Pollaczek-Khinchine) and those of requests arriving during its own S (on average ρP × S, ρP = Σ rate × P). The
+interference I has mean E[I] = ρP × S + W0; its p95, under the usual exponential tail P(I > t) = p0 exp(-t p0 / E[I]),
+is (E[I] / p0) ln(p0 / 0.05), bounded above by K × E[I] with K = 1 / (0.05 e) ≈ 7.36 (the tangent of ln, exact at
+p0 = 0.05 e), which keeps the model linear in the placement. With the device busy a fraction ρ = Σ rate × S, the
+predicted p95 is (S + K (ρP S + W0)) / (1 - ρ); it must not exceed the agent's budget. The MILP is exact for this
+model: the worst p95/budget ratio is found by bisection over feasibility MILPs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .devices import Device, DeviceSet, _pydantic_line, parse_bytes, read_yaml
 from .variants import Variant, VariantsTable, load_variants
 
 RHO_MAX = 0.99  # a device is never planned fuller than this
-P95_TAIL = 1 / (0.05 * math.e)  # the p95 waiting time as a multiple of the mean residual W0 (see the docstring)
+P95_TAIL = 1 / (0.05 * math.e)  # the p95 interference as a multiple of its mean (see the docstring)
 
 
 class _Strict(BaseModel):
@@ -255,6 +257,7 @@ def assess(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Ca
     parts: dict[str, dict[str, int]] = {}
     load: dict[str, float] = {}
     w0: dict[str, float] = {}
+    rho_p: dict[str, float] = {}
     for a in team.agents:
         c = choice[a.name]
         t = tables[a.base]
@@ -265,18 +268,22 @@ def assess(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Ca
             p[f"{a.name} adapter+KV"] = p.get(f"{a.name} adapter+KV", 0) + c.agent_bytes.get(d, 0)
             p["runtime"] = runtime_bytes(devs[d], t)
             load[d] = load.get(d, 0.0) + a.rate_per_s * c.stage_s[d]
-            w0[d] = w0.get(d, 0.0) + a.rate_per_s * c.stage_pre.get(d, 0.0) ** 2 / 2
+            pre = c.stage_pre.get(d, 0.0)
+            w0[d] = w0.get(d, 0.0) + a.rate_per_s * pre ** 2 / 2
+            rho_p[d] = rho_p.get(d, 0.0) + a.rate_per_s * pre
     p95 = {}
     for a in team.agents:
         c = choice[a.name]
-        p95[a.name] = max(p95_seconds(c.service_s, w0[d], load[d]) for d in c.devices)
-    return {"parts": parts, "load": load, "residual": w0, "p95": p95}
+        p95[a.name] = max(p95_seconds(c.service_s, rho_p[d], w0[d], load[d]) for d in c.devices)
+    return {"parts": parts, "load": load, "prefill_load": rho_p, "residual": w0, "p95": p95}
 
 
-def p95_seconds(service: float, residual: float, rho: float) -> float:
-    """The model's p95 of a request of ``service`` seconds on a device at load ``rho`` whose arrivals find
-    ``residual`` seconds of prefill ahead on average (inf at load 1 or more)."""
-    return (service + P95_TAIL * residual) / (1 - rho) if rho < 1 else float("inf")
+def p95_seconds(service: float, prefill_load: float, residual: float, rho: float) -> float:
+    """The model's p95 of a request of ``service`` seconds on a device at load ``rho``, prefill load
+    ``prefill_load`` and mean residual prefill ``residual`` (inf at load 1 or more; see the module docstring)."""
+    if rho >= 1:
+        return float("inf")
+    return (service + P95_TAIL * (prefill_load * service + residual)) / (1 - rho)
 
 
 def evaluate(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Candidate], objective: str = "latency",
@@ -345,10 +352,10 @@ def _build(team, tables, devices: DeviceSet, cands, inv_ratio: float | None):
         h.addConstr(sum(x[a, i] for i in range(len(cs))) == 1)
     mem_slack = {d: h.addVariable(lb=0, ub=highspy.kHighsInf) for d in devs} if elastic else {}
     lat_slack = {a: h.addVariable(lb=0, ub=highspy.kHighsInf) for a in agents} if elastic else {}
-    rho, w0, w0_max = {}, {}, {}
+    rho, w0, w0_max, rp, rp_max = {}, {}, {}, {}, {}
     for d, dev in devs.items():
-        terms_mem, terms_rho, terms_w0 = [], [], []
-        w0_max[d] = 0.0
+        terms_mem, terms_rho, terms_w0, terms_rp = [], [], [], []
+        w0_max[d] = rp_max[d] = 0.0
         for a, cs in cands.items():
             for i, c in enumerate(cs):
                 if d not in c.devices:
@@ -360,10 +367,12 @@ def _build(team, tables, devices: DeviceSet, cands, inv_ratio: float | None):
                     h.addConstr(x[a, i] <= y[c.base_key, d])
                     terms_mem.append(c.agent_bytes[d] * x[a, i])
                 terms_rho.append(agents[a].rate_per_s * c.stage_s[d] * x[a, i])
-                w = agents[a].rate_per_s * c.stage_pre.get(d, 0.0) ** 2 / 2
-                if w:
-                    terms_w0.append(w * x[a, i])
+                pre = c.stage_pre.get(d, 0.0)
+                if pre and agents[a].rate_per_s:
+                    terms_w0.append(agents[a].rate_per_s * pre ** 2 / 2 * x[a, i])
+                    terms_rp.append(agents[a].rate_per_s * pre * x[a, i])
             w0_max[d] += max((agents[a].rate_per_s * c.stage_pre.get(d, 0.0) ** 2 / 2 for c in cs), default=0.0)
+            rp_max[d] += max((agents[a].rate_per_s * c.stage_pre.get(d, 0.0) for c in cs), default=0.0)
         for (bk, dd), var in y.items():
             if dd == d:
                 wb = next(c.stages[0][1] for cs in cands.values() for c in cs if c.base_key == bk and not c.pipelined)
@@ -377,19 +386,22 @@ def _build(team, tables, devices: DeviceSet, cands, inv_ratio: float | None):
         w = h.addVariable(lb=0, ub=highspy.kHighsInf)
         h.addConstr(w == (sum(terms_w0) if terms_w0 else 0))
         w0[d] = w
-    # p95 = (S + K W0_d) / (1 - rho_d) <= B / inv_ratio, for the chosen candidate's devices (big-M when not chosen)
+        q = h.addVariable(lb=0, ub=highspy.kHighsInf)
+        h.addConstr(q == (sum(terms_rp) if terms_rp else 0))
+        rp[d] = q
+    # p95 = (S + K (rhoP_d S + W0_d)) / (1 - rho_d) <= B / inv_ratio on the chosen candidate's devices (big-M else)
     for a, cs in cands.items():
         B = agents[a].p95_budget_s
         for i, c in enumerate(cs):
+            S = c.service_s
             for d in c.devices:
-                if elastic:  # (S + K W0) / B - slack <= 1 - rho
-                    big = (c.service_s + P95_TAIL * w0_max[d]) / B + 1
-                    h.addConstr((c.service_s + P95_TAIL * w0[d]) * (1 / B) - lat_slack[a] + rho[d]
-                                <= 1 + big * (1 - x[a, i]))
+                top = S + P95_TAIL * (rp_max[d] * S + w0_max[d])
+                if elastic:  # p95 numerator / B - slack <= 1 - rho
+                    h.addConstr((S + P95_TAIL * (S * rp[d] + w0[d])) * (1 / B) - lat_slack[a] + rho[d]
+                                <= 1 + (top / B + 1) * (1 - x[a, i]))
                 else:
-                    big = inv_ratio * (c.service_s + P95_TAIL * w0_max[d]) + B
-                    h.addConstr(inv_ratio * (c.service_s + P95_TAIL * w0[d]) + B * rho[d]
-                                <= B + big * (1 - x[a, i]))
+                    h.addConstr(inv_ratio * (S + P95_TAIL * (S * rp[d] + w0[d])) + B * rho[d]
+                                <= B + (inv_ratio * top + B) * (1 - x[a, i]))
     return h, x, used, y, (mem_slack, lat_slack)
 
 
