@@ -24,7 +24,11 @@ def _fake_decode(model, steps=16, repeats=3):
     return TRUE["fixed"] + n * TRUE["per_layer"] + sum(b / (BW * 1e9 * TRUE["eff"][f]) for f, b in by.items())
 
 
-def _fake_prefill(model, n, repeats=3):
+def _fake_prefill_times(model, lengths, repeats):
+    return {n: [_fake_prefill(model, n)] * repeats for n in lengths}
+
+
+def _fake_prefill(model, n):
     lin = linear_params_by_format(model)
     t = model.config.num_hidden_layers * TRUE["pre_layer"]
     return t + sum(p * (TRUE["dequant"].get(f, 0.0) + n * TRUE["pre_tok"][f]) for f, p in lin.items())
@@ -32,7 +36,7 @@ def _fake_prefill(model, n, repeats=3):
 
 def test_probe_fit_recovers_the_decode_and_prefill_coefficients_it_was_timed_with(monkeypatch):
     monkeypatch.setattr(costmodel, "seconds_per_token", _fake_decode)
-    monkeypatch.setattr(costmodel, "prefill_seconds", _fake_prefill)
+    monkeypatch.setattr(costmodel, "prefill_times", _fake_prefill_times)
     cost, rows = fit_decode_cost(BW, log=lambda m: None, hidden=576, intermediate=256, layers=2, vocab=512)
     assert cost.fixed_s == pytest.approx(TRUE["fixed"], rel=1e-6)
     assert cost.fixed_s_per_layer == pytest.approx(TRUE["per_layer"], rel=1e-6)

@@ -156,30 +156,40 @@ def prefill_gflops(model, n: int = 128) -> float:
     return 2.0 * model.num_parameters() * n / dt / 1e9
 
 
-PREFILL_LENGTHS = (16, 128)
+PREFILL_LENGTHS = (16, 64, 128)
+
+
+def prefill_seconds(model, n: int, repeats: int = 3) -> float:
+    """Median time of one prefill forward of ``n`` tokens into a KV cache, as the engine runs a new prompt."""
+    return statistics.median(prefill_times(model, (n,), repeats)[n])
 
 
 @torch.inference_mode()
-def prefill_seconds(model, n: int, repeats: int = 3) -> float:
-    """Median time of one prefill forward of ``n`` tokens into a KV cache, as the engine runs a new prompt."""
-    ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-    model.setup_cache(1, n)
+def prefill_times(model, lengths: tuple[int, ...], repeats: int) -> dict[int, list[float]]:
+    """Times of prefill forwards at each of ``lengths``, interleaved (a slow spell of the machine hits every length
+    alike instead of one)."""
+    top = max(lengths)
+    ids = torch.randint(3, model.config.vocab_size, (1, top), generator=torch.Generator().manual_seed(top))
+    model.setup_cache(1, top)
     model(ids[:, :9], 0, last_only=True)  # warm (9 rows: past the small-batch kernels, so the same path)
-    times = []
+    times: dict[int, list[float]] = {n: [] for n in lengths}
     for _ in range(repeats):
-        t = time.perf_counter()
-        model(ids, 0, last_only=True)
-        times.append(time.perf_counter() - t)
+        for n in lengths:
+            t = time.perf_counter()
+            model(ids[:, :n], 0, last_only=True)
+            times[n].append(time.perf_counter() - t)
     model.clear_cache()
-    return statistics.median(times)
+    return times
 
 
-def fit_prefill_line(model, lengths: tuple[int, int] = PREFILL_LENGTHS) -> tuple[float, float]:
-    """(seconds a call, seconds a token) of prefill on ``model``, from two prompt lengths."""
-    n0, n1 = lengths
-    t0, t1 = prefill_seconds(model, n0), prefill_seconds(model, n1)
-    per_token = max(0.0, (t1 - t0) / (n1 - n0))
-    return max(0.0, t0 - n0 * per_token), per_token
+def fit_prefill_line(model, lengths: tuple[int, ...] = PREFILL_LENGTHS, repeats: int = 5) -> tuple[float, float]:
+    """(seconds a call, seconds a token) of prefill on ``model``: a least-squares line through the median times at
+    ``lengths`` (interleaved, five each)."""
+    med = {n: statistics.median(ts) for n, ts in prefill_times(model, lengths, repeats).items()}
+    xs, ys = list(med), list(med.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    per_token = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs))
+    return max(0.0, my - per_token * mx), per_token
 
 
 def solve_decode_fit(bandwidth_gb_s: float, narrow: dict[int, tuple[dict[str, int], float]],
