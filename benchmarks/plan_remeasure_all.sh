@@ -17,7 +17,7 @@ est=$((150 + SECONDS_RUN + 40))
 echo "plan_remeasure_all: estimated $((est / 60)) min $((est % 60)) s (probe + 5 variants ~150 s, simulated devices ~$((SECONDS_RUN + 40)) s); load average now: $(cut -d' ' -f1-3 /proc/loadavg)"
 t0=$(date +%s)
 echo "[1+2/3] probe, then every variant re-measured (benchmarks/plan_variants_smollm2.py --remeasure) ..."
-"$PY" benchmarks/plan_variants_smollm2.py --remeasure --checkpoints "$CHECKPOINTS" 2>&1 | grep -v "quantize (rtn"
+"$PY" benchmarks/plan_variants_smollm2.py --remeasure --checkpoints "$CHECKPOINTS" 2>&1 | grep --line-buffered -v "quantize (rtn"
 echo "[3/3] the plan on two simulated devices, $SECONDS_RUN s of requests ($(( $(date +%s) - t0 )) s so far) ..."
 "$PY" benchmarks/plan_simulated_devices.py --seconds "$SECONDS_RUN"
 echo "plan_remeasure_all: done in $(( $(date +%s) - t0 )) s; results: benchmarks/results/plan_variants_smollm2.md, plan_simulated_devices.md"

@@ -35,6 +35,9 @@ def device_main(plan_path: str, device: str, team_path: str, seconds: float, see
 
     if core is not None:  # the device's own core: the two devices do not share one
         os.sched_setaffinity(0, {core})
+    from slimswarm.evaluate.speed import measure_bandwidth
+
+    bw_start = measure_bandwidth()  # the probe's 1 GiB read, in a child that inherits this core: what it gets now
 
     from slimswarm.deploy.planner import load_team
     from slimswarm.deploy.plan_command import load_plan
@@ -110,7 +113,9 @@ def device_main(plan_path: str, device: str, team_path: str, seconds: float, see
         e.stop()
     stop.set()
     hwm = vm_hwm_bytes()
-    out = {"device": device, "core": core, "capacity_bytes": cap, "peak_rss_bytes": max(hwm, peak["rss"]),
+    bw_end = measure_bandwidth()
+    out = {"device": device, "core": core, "bandwidth_gb_s": [round(bw_start, 2), round(bw_end, 2)],
+           "capacity_bytes": cap, "peak_rss_bytes": max(hwm, peak["rss"]),
            "within_memory": max(hwm, peak["rss"]) <= cap, "wall_s": round(time.perf_counter() - t_start, 1),
            "engines": {f"{b}:{v}": {k: e.counters[k] for k in ("steps", "decode_rows", "prefill_s", "decode_s")}
                        for (b, v), e in engines.items()},
@@ -237,7 +242,10 @@ def main() -> None:
           "device process is pinned to its own core of the 2-vCPU VM and runs one torch thread. Requests: Poisson at "
           "each agent's rate, random-id prompts of its prompt_tokens (no prefix-cache hits), exactly max_tokens new "
           "tokens. Other helpers' jobs share the VM: load average (1 min) "
-          f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end.\n",
+          f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end. Read bandwidth (the probe's 1 GiB read) on each "
+          "device's core at its start and end: " + ", ".join(f"{d} {r['bandwidth_gb_s'][0]} -> "
+                                                             f"{r['bandwidth_gb_s'][1]} GB/s" for d, r in res.items())
+          + f"; the cost model was fitted at {devices.devices[0].bandwidth_gb_s} GB/s.\n",
           "## The plan\n", markdown_table(plan_rows(plan)), "\n## Measured p95 against budget and prediction\n",
           markdown_table(rows), "",
           "p95 is interpolated over each agent's requests (numpy's default); p95_err_pct = predicted / measured - 1.\n",
