@@ -4,6 +4,8 @@
   slimswarm plan --measure --machine benchmarks/results/devices_this_machine.yaml \
       --recipes fp32,w8,w4g128-rtn,w4g128-gptq,struct-25 --variants benchmarks/results/variants_smollm2.yaml
   python benchmarks/plan_variants_smollm2.py
+  python benchmarks/plan_variants_smollm2.py --remeasure   # probe + every variant again, back to back
+  benchmarks/plan_remeasure_all.sh                         # that, then plan_simulated_devices.py (one command)
 
 The probe fits the decode cost on random-weight models (never on these variants); the load transient (bytes above
 the weights while a checkpoint loads) is fitted on the fp32 row alone and predicted for the others. This script adds
