@@ -93,3 +93,31 @@ def test_planner_prefers_the_float_base_when_dequantizing_per_call_costs_more_th
     # with the flat price (no per-call term) the smaller read wins: the term is what changes the choice
     plain = {"smollm2-135m": table()}
     assert solve(team(chatty), plain, d, "latency").placements[0].variant == "w4g128-rtn"
+
+
+def test_p95_prices_a_neighbours_prefill_not_its_batched_decode():
+    """The engine shares decode steps across rows but a prefill holds up the batch: a decode-heavy neighbour delays an
+    agent less than a prefill-heavy one carrying the same load, and the figures are the docstring's formula."""
+    from slimswarm.deploy.planner import P95_TAIL, assess, candidates
+
+    t = {"smollm2-135m": table()}
+    d = DeviceSet(devices=[dev("box", 3000)])
+    me = agent("me", variants=["w8"], rate_per_s=0.1, prompt_tokens=32, max_tokens=4)
+    writer = agent("writer", variants=["w8"], rate_per_s=0.1, prompt_tokens=8, max_tokens=120)
+    reader = agent("reader", variants=["w8"], rate_per_s=0.15, prompt_tokens=300, max_tokens=2)
+    got = {}
+    for other in (writer, reader):
+        tm = team(me, other)
+        cs = candidates(tm, t, d)
+        pick = {a.name: cs[a.name][0] for a in tm.agents}
+        r = assess(tm, t, d, pick)
+        S = pick["me"].service_s
+        pre = {n: c.stage_pre["box"] for n, c in pick.items()}
+        rate = {a.name: a.rate_per_s for a in tm.agents}
+        rho = sum(rate[n] * c.service_s for n, c in pick.items())
+        rho_p, w0 = sum(rate[n] * p for n, p in pre.items()), sum(rate[n] * p * p / 2 for n, p in pre.items())
+        assert r["p95"]["me"] == pytest.approx((S + P95_TAIL * (rho_p * S + w0)) / (1 - rho), rel=1e-12)
+        got[other.name] = (r["p95"]["me"], r["load"]["box"])
+    # about the same load on the device, but the writer's is decode, the reader's prefill
+    assert got["writer"][1] == pytest.approx(got["reader"][1], rel=0.05)
+    assert got["writer"][0] < 0.2 * got["reader"][0]  # 2.9 s against 38.5 s here
