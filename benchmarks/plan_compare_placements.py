@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from slimswarm.deploy.devices import load_devices  # noqa: E402
 from slimswarm.deploy.pipeline import hop_seconds, unit_bytes  # noqa: E402
-from slimswarm.deploy.planner import (Candidate, assess, kv_bytes, load_team, quality_ok, runtime_bytes,  # noqa: E402
-                                      service_s, solve)
+from slimswarm.deploy.planner import (Candidate, assess, kv_bytes, load_team, prefill_s,  # noqa: E402
+                                      quality_ok, runtime_bytes, service_s, solve)
 from slimswarm.evaluate.report import markdown_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
@@ -48,7 +48,7 @@ def exo_choice(team, tables, devices):
                 bounds.append(i + 1)
                 k += 1
         bounds.append(len(units))
-        stages, stage_s, agent_bytes, layers = [], {}, {}, []
+        stages, stage_s, agent_bytes, layers, pre = [], {}, {}, [], {}
         hop_total = 0.0
         chain = []
         for k in range(len(bounds) - 1):
@@ -58,6 +58,7 @@ def exo_choice(team, tables, devices):
             nl = max(0, min(hi, len(units) - 1) - max(lo, 1))
             stages.append((d.name, wb))
             stage_s[d.name] = service_s(a, v, d, t) * wb / sum(units)
+            pre[d.name] = prefill_s(v, d, t, a.prompt_tokens) * wb / sum(units)  # holds up that stage's batch
             agent_bytes[d.name] = int(kv_bytes(a, v) * nl / v.layers)
             layers.append((max(lo, 1) - 1, min(hi, len(units) - 1) - 1))
             chain.append(d.name)
@@ -67,7 +68,7 @@ def exo_choice(team, tables, devices):
         total = sum(stage_s.values()) + hop_total
         stage_s = {d: s + hop_total / len(chain) for d, s in stage_s.items()}
         out[a.name] = Candidate(a.name, "fp32", f"{a.base}:fp32", stages, agent_bytes, total, stage_s, layers,
-                                shared_stages=True)  # one sharded model serves every agent
+                                shared_stages=True, stage_pre=pre)  # one sharded model serves every agent
     return out
 
 
@@ -87,7 +88,8 @@ def fp32_choice(team, tables, devices):
                 free[d] -= need + extra
                 s = service_s(a, v, by[d], t)
                 out[a.name] = Candidate(a.name, v.name, f"{a.base}:{v.name}[{a.name}]", [(d, v.weight_bytes)],
-                                        {d: a.adapter_bytes + kv_bytes(a, v)}, s, {d: s})
+                                        {d: a.adapter_bytes + kv_bytes(a, v)}, s, {d: s},
+                                        stage_pre={d: prefill_s(v, by[d], t, a.prompt_tokens)})
                 break
         else:
             raise SystemExit(f"fp32-where-it-fits: agent {a.name} fits nowhere")

@@ -34,7 +34,7 @@ def hop_seconds(link, hidden: int, a) -> float:
 def split_layers(a, v, table, devices: DeviceSet):
     """The fastest contiguous split of ``v`` for agent ``a`` over distinct devices (each used at most once, any
     order), every stage fitting its device alone; a planner Candidate, or None when no split fits."""
-    from .planner import Candidate, kv_bytes, runtime_bytes, service_s
+    from .planner import Candidate, kv_bytes, prefill_s, runtime_bytes, service_s
 
     devs = devices.devices[:MAX_DP_DEVICES]
     units = unit_bytes(v)
@@ -102,8 +102,9 @@ def split_layers(a, v, table, devices: DeviceSet):
     layers = [(max(i, 1) - 1, min(j, n - 1) - 1) for i, j, k, s in chain]  # decoder layer ranges [lo, hi)
     hop_total = t - sum(s[0] for _, _, _, s in chain)
     stage_s = {devs[k].name: s[0] + hop_total / len(chain) for _, _, k, s in chain}
+    pre = {devs[k].name: prefill_s(v, devs[k], table, a.prompt_tokens) * s[1] / total for _, _, k, s in chain}
     return Candidate(a.name, v.name, f"{a.base}:{v.name}", stages, {devs[k].name: s[2] for _, _, k, s in chain},
-                     t, stage_s, layers)
+                     t, stage_s, layers, stage_pre=pre)
 
 
 def _chain(best, key):

@@ -2,27 +2,35 @@
 and a set of devices, pick every agent's variant and device as one exact MILP (HiGHS), or say which constraint binds.
 
 Model, per device d: a base variant is loaded once however many agents use it; each agent adds its adapter and the
-KV cache for its concurrency; a used device adds its runtime floor. An agent's request costs S = prompt × prefill +
-max_tokens × decode seconds on its variant and device (the cost model). A device serves its agents as one processor-
-sharing queue (what continuous batching approximates) at load ρ = Σ rate × S, so a request of size S takes
-S / (1 - ρ) (M/G/1-PS). With S at max_tokens, that is the predicted p95; it must not exceed the agent's budget.
+KV cache for its concurrency; a used device adds its runtime floor. An agent's request costs S = P + (max_tokens - 1)
+× decode seconds on its variant and device (the cost model), P the prefill of its prompt (one call, which yields the
+first token). The engine batches decode steps (another row costs little), but a prefill holds up every row. So what
+delays a request is prefill work: the residual of one in progress when it arrives (on average W0 = Σ rate × P² / 2,
+Pollaczek-Khinchine) and those of requests arriving during its own S (on average ρP × S, ρP = Σ rate × P). The
+interference I has mean E[I] = ρP × S + W0; its p95, under the usual exponential tail P(I > t) = p0 exp(-t p0 / E[I]),
+is (E[I] / p0) ln(p0 / 0.05), bounded above by K × E[I] with K = 1 / (0.05 e) ≈ 7.36 (the tangent of ln, exact at
+p0 = 0.05 e), which keeps the model linear in the placement. With the device busy a fraction ρ = Σ rate × S, the
+predicted p95 is (S + K (ρP S + W0)) / (1 - ρ); it must not exceed the agent's budget. The MILP is exact for this
+model: the worst p95/budget ratio is found by bisection over feasibility MILPs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SlimswarmError
-from .costmodel import decode_seconds_per_token, prefill_seconds_per_token
+from .costmodel import decode_seconds_per_token, prefill_call_seconds
 from .devices import Device, DeviceSet, _pydantic_line, parse_bytes, read_yaml
 from .variants import Variant, VariantsTable, load_variants
 
 RHO_MAX = 0.99  # a device is never planned fuller than this
+P95_TAIL = 1 / (0.05 * math.e)  # the p95 interference as a multiple of its mean (see the docstring)
 
 
 class _Strict(BaseModel):
@@ -110,6 +118,7 @@ class Candidate:
     stage_s: dict[str, float]  # device -> its part of service_s (the load it adds there, per request)
     layers: list[tuple[int, int]] = field(default_factory=list)  # per stage [lo, hi) when pipelined
     shared_stages: bool = False  # pipelined stages that every agent on the same split shares (exo-style baseline)
+    stage_pre: dict[str, float] = field(default_factory=dict)  # device -> prefill seconds (holds up the batch there)
 
     @property
     def devices(self) -> list[str]:
@@ -137,15 +146,17 @@ def decode_s(v: Variant, dev: Device, table: VariantsTable, layer_share: float =
     return layer_share * (mem + fixed / scale)
 
 
-def prefill_s(v: Variant, dev: Device, table: VariantsTable) -> float:
+def prefill_s(v: Variant, dev: Device, table: VariantsTable, tokens: int) -> float:
+    """One prefill call of ``tokens`` prompt tokens (a quantized variant de-quantizes its layers once a call)."""
     cost, _, scale = device_cost(dev, table)
-    return prefill_seconds_per_token(cost, v.params, scale)
+    return prefill_call_seconds(cost, v.linear_params(), v.layers, tokens, scale)
 
 
 def service_s(a: AgentSpec, v: Variant, dev: Device, table: VariantsTable, layer_share: float = 1.0) -> float:
+    """One request alone: a prefill of its prompt (which yields the first token), then max_tokens - 1 decode steps."""
     mean_ctx = a.prompt_tokens + a.max_tokens // 2  # the KV a decode step reads, on average over the answer
-    return (layer_share * a.prompt_tokens * prefill_s(v, dev, table)
-            + a.max_tokens * decode_s(v, dev, table, layer_share, mean_ctx))
+    return (layer_share * prefill_s(v, dev, table, a.prompt_tokens)
+            + (a.max_tokens - 1) * decode_s(v, dev, table, layer_share, mean_ctx))
 
 
 def runtime_bytes(dev: Device, table: VariantsTable) -> int:
@@ -188,7 +199,8 @@ def candidates(team: TeamPlacement, tables: dict[str, VariantsTable], devices: D
                 fits_one = True
                 s = service_s(a, v, d, t)
                 cs.append(Candidate(a.name, v.name, f"{a.base}:{v.name}", [(d.name, v.weight_bytes)],
-                                    {d.name: a.adapter_bytes + kv_bytes(a, v)}, s, {d.name: s}))
+                                    {d.name: a.adapter_bytes + kv_bytes(a, v)}, s, {d.name: s},
+                                    stage_pre={d.name: prefill_s(v, d, t, a.prompt_tokens)}))
             if not fits_one and len(devices.devices) > 1:
                 sp = split_layers(a, v, t, devices)
                 if sp is not None:
@@ -244,6 +256,8 @@ def assess(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Ca
     devs = devices.by_name()
     parts: dict[str, dict[str, int]] = {}
     load: dict[str, float] = {}
+    w0: dict[str, float] = {}
+    rho_p: dict[str, float] = {}
     for a in team.agents:
         c = choice[a.name]
         t = tables[a.base]
@@ -254,12 +268,22 @@ def assess(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Ca
             p[f"{a.name} adapter+KV"] = p.get(f"{a.name} adapter+KV", 0) + c.agent_bytes.get(d, 0)
             p["runtime"] = runtime_bytes(devs[d], t)
             load[d] = load.get(d, 0.0) + a.rate_per_s * c.stage_s[d]
+            pre = c.stage_pre.get(d, 0.0)
+            w0[d] = w0.get(d, 0.0) + a.rate_per_s * pre ** 2 / 2
+            rho_p[d] = rho_p.get(d, 0.0) + a.rate_per_s * pre
     p95 = {}
     for a in team.agents:
         c = choice[a.name]
-        rho = max(load[d] for d in c.devices)
-        p95[a.name] = c.service_s / (1 - rho) if rho < 1 else float("inf")
-    return {"parts": parts, "load": load, "p95": p95}
+        p95[a.name] = max(p95_seconds(c.service_s, rho_p[d], w0[d], load[d]) for d in c.devices)
+    return {"parts": parts, "load": load, "prefill_load": rho_p, "residual": w0, "p95": p95}
+
+
+def p95_seconds(service: float, prefill_load: float, residual: float, rho: float) -> float:
+    """The model's p95 of a request of ``service`` seconds on a device at load ``rho``, prefill load
+    ``prefill_load`` and mean residual prefill ``residual`` (inf at load 1 or more; see the module docstring)."""
+    if rho >= 1:
+        return float("inf")
+    return (service + P95_TAIL * (prefill_load * service + residual)) / (1 - rho)
 
 
 def evaluate(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Candidate], objective: str = "latency",
@@ -310,13 +334,16 @@ def solve(team: TeamPlacement, tables: dict[str, VariantsTable], devices: Device
     return plan
 
 
-def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool = False):
+def _build(team, tables, devices: DeviceSet, cands, inv_ratio: float | None):
+    """The placement MILP with every agent's p95 held to budget / ``inv_ratio`` (None: elastic, with a relative
+    latency slack per agent and a memory slack per device). Returns (highs, x, used, y, slacks)."""
     import highspy
 
     h = highspy.Highs()
     h.silent()
     devs = devices.by_name()
     agents = {a.name: a for a in team.agents}
+    elastic = inv_ratio is None
     x = {(a, i): h.addBinary() for a, cs in cands.items() for i in range(len(cs))}
     used = {d: h.addBinary() for d in devs}
     keys = {(c.base_key, d) for cs in cands.values() for c in cs if not c.pipelined for d in c.devices}
@@ -325,12 +352,11 @@ def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool
         h.addConstr(sum(x[a, i] for i in range(len(cs))) == 1)
     mem_slack = {d: h.addVariable(lb=0, ub=highspy.kHighsInf) for d in devs} if elastic else {}
     lat_slack = {a: h.addVariable(lb=0, ub=highspy.kHighsInf) for a in agents} if elastic else {}
-    rho = {}
+    rho, w0, w0_max, rp, rp_max = {}, {}, {}, {}, {}
     for d, dev in devs.items():
-        terms_mem = []
-        terms_rho = []
+        terms_mem, terms_rho, terms_w0, terms_rp = [], [], [], []
+        w0_max[d] = rp_max[d] = 0.0
         for a, cs in cands.items():
-            t = tables[agents[a].base]
             for i, c in enumerate(cs):
                 if d not in c.devices:
                     continue
@@ -341,6 +367,12 @@ def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool
                     h.addConstr(x[a, i] <= y[c.base_key, d])
                     terms_mem.append(c.agent_bytes[d] * x[a, i])
                 terms_rho.append(agents[a].rate_per_s * c.stage_s[d] * x[a, i])
+                pre = c.stage_pre.get(d, 0.0)
+                if pre and agents[a].rate_per_s:
+                    terms_w0.append(agents[a].rate_per_s * pre ** 2 / 2 * x[a, i])
+                    terms_rp.append(agents[a].rate_per_s * pre * x[a, i])
+            w0_max[d] += max((agents[a].rate_per_s * c.stage_pre.get(d, 0.0) ** 2 / 2 for c in cs), default=0.0)
+            rp_max[d] += max((agents[a].rate_per_s * c.stage_pre.get(d, 0.0) for c in cs), default=0.0)
         for (bk, dd), var in y.items():
             if dd == d:
                 wb = next(c.stages[0][1] for cs in cands.values() for c in cs if c.base_key == bk and not c.pipelined)
@@ -351,51 +383,83 @@ def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool
         r = h.addVariable(lb=0, ub=RHO_MAX)
         h.addConstr(r == (sum(terms_rho) if terms_rho else 0))
         rho[d] = r
-    # z = 1 / (worst p95/budget ratio): z <= (B/S)(1 - rho_d) for the chosen candidate's devices; z >= 1 is the budget.
-    zmax = max(agents[a].p95_budget_s / c.service_s for a, cs in cands.items() for c in cs)
-    z = h.addVariable(lb=0, ub=zmax)
+        w = h.addVariable(lb=0, ub=highspy.kHighsInf)
+        h.addConstr(w == (sum(terms_w0) if terms_w0 else 0))
+        w0[d] = w
+        q = h.addVariable(lb=0, ub=highspy.kHighsInf)
+        h.addConstr(q == (sum(terms_rp) if terms_rp else 0))
+        rp[d] = q
+    # p95 = (S + K (rhoP_d S + W0_d)) / (1 - rho_d) <= B / inv_ratio on the chosen candidate's devices (big-M else)
     for a, cs in cands.items():
         B = agents[a].p95_budget_s
         for i, c in enumerate(cs):
-            k = B / c.service_s
+            S = c.service_s
             for d in c.devices:
-                if elastic:
-                    h.addConstr(1 - lat_slack[a] <= k * (1 - rho[d]) + (zmax + 1) * (1 - x[a, i]))
+                top = S + P95_TAIL * (rp_max[d] * S + w0_max[d])
+                if elastic:  # p95 numerator / B - slack <= 1 - rho
+                    h.addConstr((S + P95_TAIL * (S * rp[d] + w0[d])) * (1 / B) - lat_slack[a] + rho[d]
+                                <= 1 + (top / B + 1) * (1 - x[a, i]))
                 else:
-                    h.addConstr(z <= k * (1 - rho[d]) + zmax * (1 - x[a, i]))
+                    h.addConstr(inv_ratio * (S + P95_TAIL * (S * rp[d] + w0[d])) + B * rho[d]
+                                <= B + (inv_ratio * top + B) * (1 - x[a, i]))
+    return h, x, used, y, (mem_slack, lat_slack)
+
+
+def _bytes_expr(cands, x, y, used, devs, tables):
     bytes_expr = sum(_cand_bytes(c) * x[a, i] for a, cs in cands.items() for i, c in enumerate(cs)
                      if c.pipelined) + sum(
         next(c.stages[0][1] for cs in cands.values() for c in cs if c.base_key == bk and not c.pipelined) * var
         for (bk, _), var in y.items()) + sum(
         sum(c.agent_bytes.values()) * x[a, i] for a, cs in cands.items() for i, c in enumerate(cs) if not c.pipelined)
     table0 = next(iter(tables.values()))
-    bytes_expr = bytes_expr + sum(runtime_bytes(devs[d], table0) * u for d, u in used.items())  # as evaluate counts
+    return bytes_expr + sum(runtime_bytes(devs[d], table0) * u for d, u in used.items())  # as evaluate counts
+
+
+def _feasible(h) -> bool:
+    import highspy
+
+    h.run()  # no objective: a feasibility problem
+    return h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+
+
+def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool = False):
+    import highspy
+
+    devs = devices.by_name()
+    agents = {a.name: a for a in team.agents}
+    optimal = highspy.HighsModelStatus.kOptimal
     if elastic:
-        h.addConstr(z >= 0)
+        h, x, used, y, (mem_slack, lat_slack) = _build(team, tables, devices, cands, None)
         scale = max(d.usable_bytes for d in devs.values())
         h.minimize(sum(mem_slack[d] * (1.0 / devs[d].usable_bytes) for d in devs) + sum(lat_slack.values()))
-        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        if h.getModelStatus() != optimal:
             return None, None
         return ({d: h.val(v) for d, v in mem_slack.items()}, {a: h.val(v) for a, v in lat_slack.items()},
                 _pick(h, x, cands)), scale
-    h.addConstr(z >= 1)
+    z = 1.0  # budget / p95 of the worst agent: at least 1 (every budget met)
     if objective == "latency":
-        h.maximize(z)
-        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        if not _feasible(_build(team, tables, devices, cands, 1.0)[0]):
             return "infeasible", None
-        zstar = h.val(z)
-        h.addConstr(z >= zstar * (1 - 1e-7))
-        h.minimize(bytes_expr)
-    elif objective == "devices":
+        lo, hi = 1.0, max(agents[a].p95_budget_s / c.service_s for a, cs in cands.items() for c in cs)
+        if _feasible(_build(team, tables, devices, cands, hi)[0]):
+            lo = hi
+        while hi - lo > 1e-9 * hi:  # bisection: lo is feasible, hi is not
+            mid = (lo + hi) / 2
+            if _feasible(_build(team, tables, devices, cands, mid)[0]):
+                lo = mid
+            else:
+                hi = mid
+        z = lo
+    h, x, used, y, _ = _build(team, tables, devices, cands, z)
+    bytes_expr = _bytes_expr(cands, x, y, used, devs, tables)
+    if objective == "devices":
         h.minimize(sum(used.values()))
-        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        if h.getModelStatus() != optimal:
             return "infeasible", None
         n = round(sum(h.val(u) for u in used.values()))
         h.addConstr(sum(used.values()) <= n)
-        h.minimize(bytes_expr)
-    else:
-        h.minimize(bytes_expr)
-    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+    h.minimize(bytes_expr)
+    if h.getModelStatus() != optimal:
         return "infeasible", None
     return "optimal", _pick(h, x, cands)
 

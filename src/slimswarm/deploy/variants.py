@@ -25,6 +25,8 @@ class Measured(BaseModel):
     batch: int
     context: int
     new_tokens: int
+    decode_path: str | None = None  # native (kernels/decode.c) or python: the step that was timed
+    prefill_s: float | None = None  # one prefill forward of the prompt (context - new_tokens tokens), median
 
 
 class Variant(BaseModel):
@@ -39,6 +41,7 @@ class Variant(BaseModel):
     bytes_by_format: dict[str, int]  # weight bytes one decode step reads, by format
     kv_bytes_per_token: int = Field(gt=0)  # K and V of one token across all layers
     hidden_size: int | None = None
+    linear_params_by_format: dict[str, int] | None = None  # decoder linears' parameters by format (prefill cost)
     layer_bytes: list[int] | None = None  # weight bytes of each decoder layer (for a pipeline split)
     embed_bytes: int | None = None  # the embedding table (first stage)
     head_bytes: int | None = None  # final norm + LM head (last stage; the table again when tied)
@@ -51,6 +54,13 @@ class Variant(BaseModel):
     @property
     def bytes_per_token(self) -> int:
         return sum(self.bytes_by_format.values())
+
+    def linear_params(self) -> dict[str, int]:
+        """Decoder-linear parameters by format (what prefill prices); a table without them puts every parameter in
+        the format that holds most of the variant's bytes."""
+        if self.linear_params_by_format:
+            return self.linear_params_by_format
+        return {max(self.bytes_by_format, key=self.bytes_by_format.get): self.params}
 
 
 class VariantsTable(BaseModel):
@@ -127,10 +137,15 @@ def _measure_main(checkpoint: str, batch: int, context: int, new_tokens: int, th
     from ..models.load import load
 
     torch.set_num_threads(threads)
+    from .costmodel import decode_path, prefill_seconds
+
     m = load(checkpoint).model
     rate = decode_tokens_per_s(m, batch, new_tokens, prompt_len=context - new_tokens, repeats=3)
-    print(json.dumps({"decode_tokens_per_s": rate, "peak_rss_bytes": vm_hwm_bytes(), "batch": batch,
-                      "context": context, "new_tokens": new_tokens}))
+    peak = vm_hwm_bytes()  # before the prefill timing, which holds no more than generate did
+    pre = prefill_seconds(m, context - new_tokens)
+    print(json.dumps({"decode_tokens_per_s": rate, "peak_rss_bytes": peak, "batch": batch,
+                      "context": context, "new_tokens": new_tokens, "decode_path": decode_path(m),
+                      "prefill_s": pre}))
 
 
 # -- the table ----------------------------------------------------------------------------------------------------
@@ -151,7 +166,10 @@ def add_layout(v: Variant, model) -> Variant:
     """Per-layer, embedding and head bytes: what a pipeline split needs."""
     from ..evaluate.size import weight_bytes
 
+    from .costmodel import linear_params_by_format
+
     v.hidden_size = model.config.hidden_size
+    v.linear_params_by_format = linear_params_by_format(model)
     v.layer_bytes = [weight_bytes(layer) for layer in model.model.layers]
     v.embed_bytes = weight_bytes(model.model.embed_tokens) or weight_bytes(model.lm_head)  # tied: the head's table
     v.head_bytes = weight_bytes(model.lm_head) + weight_bytes(model.model.norm)
@@ -172,7 +190,6 @@ def measure_variants(base: str, recipes: list[str], out_dir: str | Path, machine
     from ..evaluate.choice import choice_accuracy
     from ..evaluate.kl import kl_divergence
     from ..evaluate.perplexity import perplexity
-    from ..models.checkpoint import file_sha256, save_checkpoint
     from ..models.load import load
     from ..tasks import load_task
 
@@ -209,11 +226,7 @@ def measure_variants(base: str, recipes: list[str], out_dir: str | Path, machine
         v.accuracy = {t: choice_accuracy(model, ref.tokenizer, its)["accuracy"] for t, its in items.items()}
         ck = out_dir / name
         if not (ck / "slimswarm.json").exists():
-            save_checkpoint(model, ref.tokenizer, ck, {
-                "recipe": None if r == FLOAT else load_recipe(r).model_dump(),
-                "quantization": meta.get("quantization", {}),
-                "passes": {k: v for k, v in meta.items() if k != "quantization"},
-                "parent": {"source": ref.source, "sha256": file_sha256(ref.source)}}, overwrite=True)
+            _save_variant(model, ref, r, meta, ck)
         v.checkpoint = str(ck)
         log(f"[{k}/{len(recipes)}] {name}: decode speed and peak memory in a fresh process ...")
         v.measured = measure_in_subprocess(ck, threads=machine.threads)
@@ -228,6 +241,42 @@ def measure_variants(base: str, recipes: list[str], out_dir: str | Path, machine
     for v in rows:
         v.delta_ppl = v.perplexity / base_ppl - 1
     return VariantsTable(base=base, text=source, tokens=tokens, machine=machine, variants=rows)
+
+
+def _save_variant(model, ref, recipe: str, meta: dict, ck: Path) -> None:
+    from ..compress.recipe import load_recipe
+    from ..models.checkpoint import file_sha256, save_checkpoint
+
+    save_checkpoint(model, ref.tokenizer, ck, {
+        "recipe": None if recipe == FLOAT else load_recipe(recipe).model_dump(),
+        "quantization": meta.get("quantization", {}),
+        "passes": {k: v for k, v in meta.items() if k != "quantization"},
+        "parent": {"source": ref.source, "sha256": file_sha256(ref.source)}}, overwrite=True)
+
+
+def ensure_checkpoints(table: VariantsTable, out_dir: str | Path, log=print) -> list[str]:
+    """Build the checkpoint of every variant whose ``checkpoint`` folder is missing (the table's recipes on its base,
+    no quality measurement: the table keeps its figures); returns the names built. Paths are set under ``out_dir``."""
+    import torch
+
+    from ..compress import compress
+    from ..models.load import load
+
+    out_dir = Path(out_dir)
+    todo = [v for v in table.variants if not (v.checkpoint and (Path(v.checkpoint) / "slimswarm.json").exists())]
+    if not todo:
+        return []
+    ref = load(table.base, dtype=torch.float32)
+    for v in todo:
+        t0 = time.perf_counter()
+        recipe = v.recipe or FLOAT
+        model = ref.model if recipe == FLOAT else copy.deepcopy(ref.model)
+        meta = {} if recipe == FLOAT else compress(model, recipe, tokenizer=ref.tokenizer)
+        ck = out_dir / v.name
+        _save_variant(model, ref, recipe, meta, ck)
+        v.checkpoint = str(ck)
+        log(f"  built {ck} ({time.perf_counter() - t0:.0f} s)")
+    return [v.name for v in todo]
 
 
 def write_variants(table: VariantsTable, path: str | Path, command: str = "") -> Path:

@@ -63,6 +63,7 @@ class Request:
     error: str | None = None
     cached_tokens: int = 0
     t_submit: float = 0.0
+    t_admit: float | None = None  # its prefill forward began (the queue wait ends)
     t_first: float | None = None
     t_done: float | None = None
     events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue, repr=False)
@@ -300,7 +301,7 @@ class Engine:
         row = len(self.active)
         req._row = row
         self.active.append(req)
-        t0 = time.perf_counter()
+        t0 = req.t_admit = time.perf_counter()
         try:
             hit = self.prefix.load(self.caches, row, req.prompt, req.adapter)
             req.cached_tokens = hit
@@ -342,6 +343,8 @@ class Engine:
         Any failure falls back to one forward per request, so a bad request fails alone."""
         row0 = len(self.active)
         t0 = time.perf_counter()
+        for r in reqs:
+            r.t_admit = t0
         try:
             hits = [self.prefix.load(self.caches, row0 + i, r.prompt, r.adapter) for i, r in enumerate(reqs)]
             rest = [r.prompt[h:] for r, h in zip(reqs, hits)]

@@ -1,0 +1,123 @@
+"""The cost model: the probe's fit recovers known decode and prefill coefficients from timings (a fake-measurement
+round trip on real random-weight models, so the bytes and parameter counts are the real ones), and the planner
+prices a quantized prefill's per-call de-quantization."""
+
+import pytest
+
+from slimswarm.deploy import costmodel
+from slimswarm.deploy.costmodel import (bytes_by_format, fit_decode_cost, linear_params_by_format,
+                                        prefill_call_seconds)
+from slimswarm.deploy.devices import DecodeCost, DeviceSet
+from slimswarm.deploy.planner import prefill_s, service_s, solve
+
+from test_planner import COST, agent, dev, table, team
+
+BW = 10.0  # GB/s
+TRUE = {"eff": {"float32": 0.8, "bfloat16": 0.7, "int8": 0.4, "int4": 0.2}, "fixed": 1e-4, "per_layer": 5e-5,
+        "pre_layer": 2e-3, "pre_tok": {"float32": 5e-11, "bfloat16": 3e-11, "int8": 6e-11, "int4": 7e-11},
+        "dequant": {"int8": 3e-10, "int4": 9e-10}}
+
+
+def _fake_decode(model, steps=16, repeats=3):
+    by = bytes_by_format(model)
+    n = model.config.num_hidden_layers
+    return TRUE["fixed"] + n * TRUE["per_layer"] + sum(b / (BW * 1e9 * TRUE["eff"][f]) for f, b in by.items())
+
+
+def _fake_prefill_times(model, lengths, repeats):
+    return {n: [_fake_prefill(model, n)] * repeats for n in lengths}
+
+
+def _fake_prefill(model, n):
+    lin = linear_params_by_format(model)
+    t = model.config.num_hidden_layers * TRUE["pre_layer"]
+    return t + sum(p * (TRUE["dequant"].get(f, 0.0) + n * TRUE["pre_tok"][f]) for f, p in lin.items())
+
+
+def test_probe_fit_recovers_the_decode_and_prefill_coefficients_it_was_timed_with(monkeypatch):
+    monkeypatch.setattr(costmodel, "seconds_per_token", _fake_decode)
+    monkeypatch.setattr(costmodel, "prefill_times", _fake_prefill_times)
+    cost, rows = fit_decode_cost(BW, log=lambda m: None, hidden=576, intermediate=256, layers=2, vocab=512)
+    assert cost.fixed_s == pytest.approx(TRUE["fixed"], rel=1e-6)
+    assert cost.fixed_s_per_layer == pytest.approx(TRUE["per_layer"], rel=1e-6)
+    for f, e in TRUE["eff"].items():
+        assert cost.efficiency[f] == pytest.approx(e, rel=1e-6), f
+    assert cost.prefill_fixed_s_per_layer == pytest.approx(TRUE["pre_layer"], rel=1e-6)
+    for f, s in TRUE["pre_tok"].items():
+        assert cost.prefill_s_per_param_token[f] == pytest.approx(s, rel=1e-6), f
+    for f, s in TRUE["dequant"].items():
+        assert cost.dequant_s_per_param[f] == pytest.approx(s, rel=1e-6), f
+    assert set(cost.dequant_s_per_param) == {"int8", "int4"}  # float layers de-quantize nothing
+    # the rows say which decode step was timed (the native one wherever it runs, as generate and the engine do)
+    assert {r["decode_path"] for r in rows} <= {"native", "python"}
+    # fitted on 2 layers, it predicts the same fake timing of a model 4x deeper (the per-layer split is right)
+    deep = costmodel.random_model(576, 8, 256, 512)
+    lin = linear_params_by_format(deep)
+    assert prefill_call_seconds(cost, lin, 8, 96) == pytest.approx(_fake_prefill(deep, 96), rel=1e-6)
+
+
+def test_quantized_prefill_pays_its_dequantization_once_a_call():
+    cost = DecodeCost(efficiency={"float32": 0.5, "int8": 0.3}, fixed_s_per_layer=0, fixed_s=0, prefill_gflops=20,
+                      runtime_bytes=0, prefill_fixed_s_per_layer=1e-3,
+                      prefill_s_per_param_token={"float32": 5e-11, "int8": 5e-11}, dequant_s_per_param={"int8": 1e-9})
+    p = 100_000_000
+    f32 = prefill_call_seconds(cost, {"float32": p}, 30, 64)
+    i8 = prefill_call_seconds(cost, {"int8": p}, 30, 64)
+    assert f32 == pytest.approx(0.03 + 64 * p * 5e-11)
+    assert i8 - f32 == pytest.approx(p * 1e-9)  # 0.1 s a call, whatever the prompt length
+    assert prefill_call_seconds(cost, {"int8": p}, 30, 256) - prefill_call_seconds(cost, {"float32": p}, 30, 256) \
+        == pytest.approx(p * 1e-9)
+    # a profile without the per-format fit keeps the flat price: 2 x params / GFLOP/s a token
+    old = COST
+    assert prefill_call_seconds(old, {"int8": p}, 30, 64) == pytest.approx(64 * 2 * p / 20e9)
+
+
+def test_planner_prefers_the_float_base_when_dequantizing_per_call_costs_more_than_it_reads():
+    t = table()
+    slow_dequant = COST.model_copy(update={"prefill_fixed_s_per_layer": 1e-3,
+                                           "prefill_s_per_param_token": {"float32": 5e-11, "int8": 5e-11,
+                                                                         "int4": 5e-11},
+                                           "dequant_s_per_param": {"int8": 2e-8, "int4": 2e-8}})
+    t.machine = t.machine.model_copy(update={"cost": slow_dequant})
+    for v in t.variants:
+        v.linear_params_by_format = {next(iter(v.bytes_by_format)): 120_000_000}
+    d = DeviceSet(devices=[dev("box", 3000, bw=10)])
+    chatty = agent("reader", prompt_tokens=512, max_tokens=2, p95_budget_s=10)
+    v = {x.name: x for x in t.variants}
+    box = d.devices[0]
+    # 2.4 s of de-quantization a call outweighs reading 4x the bytes in one decode step
+    assert prefill_s(v["w8"], box, t, 512) - prefill_s(v["fp32"], box, t, 512) == pytest.approx(2.4)
+    assert service_s(chatty, v["fp32"], box, t) < service_s(chatty, v["w8"], box, t)
+    plan = solve(team(chatty), {"smollm2-135m": t}, d, "latency")
+    assert plan.placements[0].variant == "fp32"
+    # with the flat price (no per-call term) the smaller read wins: the term is what changes the choice
+    plain = {"smollm2-135m": table()}
+    assert solve(team(chatty), plain, d, "latency").placements[0].variant == "w4g128-rtn"
+
+
+def test_p95_prices_a_neighbours_prefill_not_its_batched_decode():
+    """The engine shares decode steps across rows but a prefill holds up the batch: a decode-heavy neighbour delays an
+    agent less than a prefill-heavy one carrying the same load, and the figures are the docstring's formula."""
+    from slimswarm.deploy.planner import P95_TAIL, assess, candidates
+
+    t = {"smollm2-135m": table()}
+    d = DeviceSet(devices=[dev("box", 3000)])
+    me = agent("me", variants=["w8"], rate_per_s=0.1, prompt_tokens=32, max_tokens=4)
+    writer = agent("writer", variants=["w8"], rate_per_s=0.1, prompt_tokens=8, max_tokens=120)
+    reader = agent("reader", variants=["w8"], rate_per_s=0.15, prompt_tokens=300, max_tokens=2)
+    got = {}
+    for other in (writer, reader):
+        tm = team(me, other)
+        cs = candidates(tm, t, d)
+        pick = {a.name: cs[a.name][0] for a in tm.agents}
+        r = assess(tm, t, d, pick)
+        S = pick["me"].service_s
+        pre = {n: c.stage_pre["box"] for n, c in pick.items()}
+        rate = {a.name: a.rate_per_s for a in tm.agents}
+        rho = sum(rate[n] * c.service_s for n, c in pick.items())
+        rho_p, w0 = sum(rate[n] * p for n, p in pre.items()), sum(rate[n] * p * p / 2 for n, p in pre.items())
+        assert r["p95"]["me"] == pytest.approx((S + P95_TAIL * (rho_p * S + w0)) / (1 - rho), rel=1e-12)
+        got[other.name] = (r["p95"]["me"], r["load"]["box"])
+    # about the same load on the device, but the writer's is decode, the reader's prefill
+    assert got["writer"][1] == pytest.approx(got["reader"][1], rel=0.05)
+    assert got["writer"][0] < 0.2 * got["reader"][0]  # 2.9 s against 38.5 s here
