@@ -297,8 +297,10 @@ class NativeStep:
 
     # ------------------------------------------------------------------ per call
     def _bind_caches(self, model) -> None:
-        caches = [layer.self_attn.cache for layer in model.model.layers]
-        if self._caches is not None and all(a is b for a, b in zip(caches, self._caches)):
+        # the modules' own dicts, not attribute access (nn.Module.__getattr__ x 60 was ~0.1 ms a step)
+        caches = [layer._modules["self_attn"]._modules.get("cache")
+                  for layer in model._modules["model"]._modules["layers"]._modules.values()]
+        if self._caches is not None and caches == self._caches:  # KVCache has no __eq__: identity
             return
         m = self.model_struct
         dt = None
