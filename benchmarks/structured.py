@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from slimswarm.agents.agent import Tool  # noqa: E402
 from slimswarm.agents.specialists import load_base  # noqa: E402
-from slimswarm.agents.tool_calls_data import TOOL_FUNCS, prompt_messages, tool_call_set  # noqa: E402
+from slimswarm.agents.tool_calls_data import TOOL_FUNCS, ToolExample, prompt_messages, tool_call_set  # noqa: E402
 from slimswarm.agents.tool_specialist import ToolSpecialistSpec, ensure_tool_specialist, training_summary  # noqa: E402
 from slimswarm.engine.chat_plan import plan_chat  # noqa: E402
 from slimswarm.engine.engine import Engine  # noqa: E402
@@ -53,8 +53,8 @@ PROMPTS = ["Write a story about a dragon.", "Describe the sea in a story.", "Tel
            "Write a story about winter.", "A story about two friends.", "Write a story about a robot.",
            "Tell a story about a garden.", "A story about the moon."]
 NO_TOOL = ["Write a haiku about the sea.", "Say hello to my friend Anna.", "What is the capital of France?",
-           "Give me a name for a pet cat.", "Tell me a fun fact about owls.", "Describe a sunset in one sentence.",
-           "Suggest a title for a short story.", "What colour is the sky?"]
+           "Give me a name for a pet cat.", "Tell me a fun fact about owls.", "How do I say thank you in Spanish?",
+           "Name three colours.", "What colour is the sky?"]
 TOOLS = [Tool(f) for f in TOOL_FUNCS]
 
 
@@ -176,17 +176,19 @@ def accuracy(eng, prompts, mode: str, adapter: str | None, label: str) -> dict:
 
 def no_tool_calls(eng, adapter: str | None, label: str) -> dict:
     """Under auto, on prompts that need no tool: how often does the model call one anyway?"""
-    from slimswarm.agents.tool_calls_data import tool_specs
+    from slimswarm.agents.tool_calls_data import chat_set
 
     tok = eng.tokenizer
     ids, grammars = [], []
-    for q in NO_TOOL:
-        plan = plan_chat([{"role": "user", "content": q}], tool_specs(), "auto", parallel_tool_calls=False)
+    prompts = chat_set("held_out", 12) + [ToolExample(q, None, {}, None, "handwritten", (q,)) for q in NO_TOOL]
+    for p in prompts:
+        plan = plan_chat(*prompt_messages(p), "auto", parallel_tool_calls=False)
         ids.append(tok.encode(tok.chat(plan.messages)))
         grammars.append(plan.grammar)
     reqs = eng.generate(ids, SamplingParams(max_tokens=24), grammars=grammars, adapters=[adapter] * len(ids))
     calls = sum(1 for r in reqs if ToolCallParser().finish(r.text)[1])
-    return {"contender": label, "tool_choice": "auto", "prompts": len(NO_TOOL), "no_tool_prompts_called": round(calls / len(NO_TOOL), 3)}
+    return {"contender": label, "tool_choice": "auto", "prompts": len(prompts),
+            "no_tool_prompts_called": round(calls / len(prompts), 3)}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -261,7 +263,7 @@ def main() -> None:
         s = training_summary(adapter)
         add({"section": "specialist", "adapter": str(adapter), "train_examples": s["examples"],
              "steps": spec.steps, "batch": spec.batch_size, "lora_layers": f"top {spec.upper_layers}",
-             "train_seconds": s["seconds"], "train_cpu_seconds": s.get("cpu_seconds"), "threads": s["threads"], "first_loss": round(s["history"][0]["loss"], 3),
+             "no_tool_examples": s.get("no_tool_examples", 0), "train_seconds": s["seconds"], "train_cpu_seconds": s.get("cpu_seconds"), "threads": s["threads"], "first_loss": round(s["history"][0]["loss"], 3),
              "last_loss": round(s["history"][-1]["loss_ema"], 3), "held_out_loss_before": s["held_out_loss_before"],
              "held_out_loss_after": s["held_out_loss_after"]})
     if "accuracy" in sections:

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from slimswarm.agents.agent import Tool
-from slimswarm.agents.tool_calls_data import TOOL_FUNCS, prompt_messages, target_text, tool_call_set, training_pairs
+from slimswarm.agents.tool_calls_data import (TOOL_FUNCS, chat_set, prompt_messages, target_text, tool_call_set,
+                                              training_pairs)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,6 +24,10 @@ def test_the_held_out_split_shares_no_template_and_no_values_with_training():
         assert tools[e.tool](e.arguments) == e.want
         assert all(str(v) in e.question for v in e.values if not isinstance(v, str) or len(v) > 1)
     assert tool_call_set("held_out", 48) == held  # seeded: the benchmark's set is the same every run
+    chat_train, chat_held = chat_set("train", 60), chat_set("held_out", 12)  # the prompts no tool answers
+    assert {e.template for e in chat_train}.isdisjoint({e.template for e in chat_held})
+    assert {e.values for e in chat_train}.isdisjoint({e.values for e in chat_held})
+    assert all(e.tool is None for e in chat_train + chat_held) and len({e.question for e in chat_held}) == 12
 
 
 def test_targets_are_what_the_tool_grammar_writes_and_only_they_carry_the_loss(smollm2):

@@ -13,6 +13,8 @@ How it is made:
   out; lookup keys: every third fact of ``FACTS`` (sorted, 5 of 16) held out; word_count texts: 3-8 words drawn from two
   disjoint word lists;
 - a held-out example therefore has a template the training set never used AND values it never saw;
+- prompts that need no tool (``CHAT_TEMPLATES`` x ``TOPICS``, split the same way) are mixed in, with the base
+  model's own reply as target, so the specialist still answers in text under ``tool_choice: auto``;
 - in training, tools are listed in a shuffled order half the time and a short system prompt is prepended a third
   of the time (the held-out prompts: canonical order, no system prompt), so the adapter does not learn one layout.
 """
@@ -56,6 +58,18 @@ WORDS = {
               "rocket pencil meadow castle harbor summer violin basket marble").split(),
     "held_out": "planet copper dragon island mirror pepper thunder valley cotton falcon glacier lantern".split(),
 }
+# prompts no tool answers: the target is the base model's own reply (tools in its prompt), so the adapter learns
+# when not to call as well as how to call
+CHAT_TEMPLATES = {
+    "train": ["Write a short poem about {topic}.", "Describe {topic} in one sentence.",
+              "Give me a title for a story about {topic}.", "Tell me something nice about {topic}.",
+              "Why do people like {topic}?", "Write a friendly greeting that mentions {topic}."],
+    "held_out": ["Write a haiku about {topic}.", "Suggest a name for a song about {topic}.",
+                 "Say one kind thing about {topic}."],
+}
+TOPICS = {"train": ["the sea", "autumn", "a small dog", "coffee", "the mountains", "an old library", "rain", "music",
+                    "a birthday party", "the city at night", "gardens", "trains"],
+          "held_out": ["owls", "a sunset", "the desert", "snow", "a lighthouse", "tea"]}
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Use a tool when it helps.",
                   "You are a helpful AI assistant. Solve tasks using your tools."]
 
@@ -63,7 +77,7 @@ SYSTEM_PROMPTS = ["You are a helpful assistant.", "Use a tool when it helps.",
 @dataclass(frozen=True)
 class ToolExample:
     question: str
-    tool: str
+    tool: str | None  # None: a prompt no tool answers
     arguments: dict
     want: object  # what the tool returns for the right arguments
     template: str  # "tool:split:index" into TEMPLATES[tool][split]
@@ -123,6 +137,23 @@ def tool_call_set(split: str, n: int, seed: int = 0) -> list[ToolExample]:
         seen.add(ident)
         out.append(ToolExample(TEMPLATES[tool][split][k].format(**fields), tool, args, want, ident[0], values))
     return out
+
+
+def chat_set(split: str, n: int, seed: int = 0) -> list[ToolExample]:
+    """``n`` prompts of ``split`` that need no tool (``tool`` None); held-out ones distinct, with their own
+    templates and topics."""
+    rng = random.Random(f"chat-{split}-{seed}")
+    out, seen = [], set()
+    for _ in range(100 * n):
+        if len(out) == n:
+            return out
+        k, topic = rng.randrange(len(CHAT_TEMPLATES[split])), rng.choice(TOPICS[split])
+        ident = (f"chat:{split}:{k}", (topic,))
+        if ident in seen and split == "held_out":
+            continue
+        seen.add(ident)
+        out.append(ToolExample(CHAT_TEMPLATES[split][k].format(topic=topic), None, {}, None, *ident))
+    raise ValueError(f"cannot draw {n} distinct {split} chat prompts")
 
 
 def prompt_messages(ex: ToolExample, rng: random.Random | None = None) -> tuple[list[dict], list[dict]]:

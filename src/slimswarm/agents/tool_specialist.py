@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .specialists import DEFAULT_ROOT, cached, lora_targets, load_base
 
-TOOL_SPEC_VERSION = 1  # bump when the training set or the recipe changes in a way the fields do not capture
+TOOL_SPEC_VERSION = 2  # bump when the training set or the recipe changes in a way the fields do not capture
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class ToolSpecialistSpec:
     base: str = "smollm2-135m"
     quantize: str | None = "w4g128-rtn"
     examples: int = 360
+    chat_examples: int = 60  # prompts no tool answers, the base's own reply as target
     steps: int = 40
     batch_size: int = 4
     r: int = 8
@@ -58,23 +59,41 @@ def tool_call_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int 
     return total / count
 
 
+def base_replies(loaded, examples, max_tokens: int = 32) -> list[tuple[str, str]]:
+    """(prompt, the base's greedy reply, at most ``max_tokens``) for prompts no tool answers, tools in the prompt as
+    the server sends them; only plain-text replies (what matters is that the reply starts as text, not a call)."""
+    from ..engine.chat_plan import plan_chat
+    from ..engine.engine import Engine
+    from ..models.sampling import SamplingParams
+    from .tool_calls_data import prompt_messages
+
+    tok = loaded.tokenizer
+    prompts = [tok.chat(plan_chat(*prompt_messages(ex), "auto").messages) for ex in examples]
+    eng = Engine(loaded.model, tok, max_batch=8, max_len=1024)
+    reqs = eng.generate([tok.encode(p) for p in prompts], SamplingParams(max_tokens=max_tokens))
+    return [(p, r.text) for p, r in zip(prompts, reqs)
+            if r.text.strip() and not r.text.startswith("<")]
+
+
 def train_tool_specialist(spec: ToolSpecialistSpec, out: str | Path, log=print, loaded=None) -> dict:
     """Train ``spec``'s adapter and write it to ``out`` (atomically); returns its training summary (wall time,
     loss history, held-out loss before and after). ``loaded``: the base already loaded (quantized as the spec says)."""
     from ..compress.lora import FinetuneConfig, LoRAConfig, finetune_lora, save_adapter, unwrap_lora
     from ..models.checkpoint import file_sha256
-    from .tool_calls_data import tool_call_set, training_pairs
+    from .tool_calls_data import chat_set, tool_call_set, training_pairs
 
     torch.manual_seed(spec.seed)
     loaded = loaded or load_base(spec.base, spec.quantize)
     tok = loaded.tokenizer
     pairs = training_pairs(tok, tool_call_set("train", spec.examples, spec.seed), seed=spec.seed)
+    chats = base_replies(loaded, chat_set("train", spec.chat_examples, spec.seed)) if spec.chat_examples else []
+    pairs += chats
     held = training_pairs(tok, tool_call_set("held_out", 12, spec.seed), vary=False)
     lora = LoRAConfig(r=spec.r, alpha=2.0 * spec.r,
                       targets=lora_targets(loaded.model.config.num_hidden_layers, spec.upper_layers))
     cfg = FinetuneConfig(lora=lora, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, max_len=spec.max_len,
                          seed=spec.seed, warmup=min(10, spec.steps // 5), log_every=max(1, spec.steps // 10))
-    log(f"  training {spec.name}: {len(pairs)} tool-call examples, {spec.steps} steps x {spec.batch_size}, "
+    log(f"  training {spec.name}: {len(pairs) - len(chats)} tool-call + {len(chats)} no-tool examples, {spec.steps} steps x {spec.batch_size}, "
         f"r={spec.r}, top {spec.upper_layers or 'all'} layers{' on a ' + spec.quantize + ' base' if spec.quantize else ''}"
         f", {torch.get_num_threads()} thread(s)")
     before = tool_call_loss(loaded.model, tok, held, spec.max_len)
@@ -83,7 +102,7 @@ def train_tool_specialist(spec: ToolSpecialistSpec, out: str | Path, log=print, 
                         on_log=lambda h: log(f"    step {h['step']}/{spec.steps}  loss {h['loss_ema']:.3f}"))
     cpu = time.process_time() - cpu0
     after = tool_call_loss(loaded.model, tok, held, spec.max_len)
-    summary = {"examples": len(pairs), "history": res.history, "seconds": round(res.seconds, 1),
+    summary = {"examples": len(pairs), "no_tool_examples": len(chats), "history": res.history, "seconds": round(res.seconds, 1),
                "cpu_seconds": round(cpu, 1),
                "threads": torch.get_num_threads(), "trained_params": res.trained_params,
                "held_out_loss_before": round(before, 4), "held_out_loss_after": round(after, 4)}
