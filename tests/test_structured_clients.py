@@ -1,7 +1,7 @@
 """Tool calls and structured outputs through the real client packages against a live `slimswarm serve` on loopback
 (stories260k; SmolLM2 for the two agent loops, whose history outgrows stories260k's context): openai (tools with tool_choice required/named/auto/none, chat.completions.parse with a Pydantic model,
-streamed tool-call deltas), langchain-openai (bind_tools, with_structured_output), a LangGraph ReAct loop, and the
-OpenAI Agents SDK; plus the 400s for bad tools, schemas, tool_choice and tool messages."""
+streamed tool-call deltas), langchain-openai (bind_tools, with_structured_output), a LangGraph ReAct loop, the
+OpenAI Agents SDK and an autogen-agentchat AssistantAgent; plus the 400s for bad tools, schemas, tool_choice and tool messages."""
 
 import copy
 import json
@@ -296,3 +296,55 @@ def test_openai_agents_sdk_with_a_tool_and_an_output_type(live_smollm2):
     assert len(seen) == 1 and all(isinstance(x, int) for x in seen[0])
     assert isinstance(result.final_output, Answer)
     assert result.final_output.value == sum(seen[0])  # greedy SmolLM2 read the tool's result (2 + 3 here)
+
+
+@pytest.mark.slow
+def test_autogen_assistant_agent_calls_a_python_tool_through_the_constrained_call(live_smollm2):
+    """autogen-agentchat's AssistantAgent with a Python tool and OpenAIChatCompletionClient (model_info declaring
+    function calling). The agent asks with tool_choice auto, under which the 135M base answers in prose; the client
+    below only turns the tool step's auto into required (the script is that schedule, as in the LangGraph test).
+    The tool, its arguments and the reflection's text are the model's own; autogen parses the call and runs it."""
+    import asyncio
+
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_agentchat.messages import TextMessage, ToolCallExecutionEvent, ToolCallRequestEvent
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+
+    seen, tool_choices = [], []
+
+    def add(a: Annotated[int, "the first number"], b: Annotated[int, "the second number"]) -> int:
+        """Add two integers."""  # autogen reads Annotated metadata as a description (a string), not a bound
+        seen.append((a, b))
+        return a + b
+
+    class ToolStepRequired(OpenAIChatCompletionClient):
+        async def create(self, messages, *, tools=(), tool_choice="auto", **kw):
+            tool_choice = "required" if tools and tool_choice == "auto" else tool_choice
+            tool_choices.append(tool_choice)
+            return await super().create(messages, tools=tools, tool_choice=tool_choice, **kw)
+
+    client = ToolStepRequired(model="smollm2-135m", base_url=live_smollm2, api_key="none", temperature=0,
+                              max_tokens=40, max_retries=0, parallel_tool_calls=False,
+                              model_info={"vision": False, "function_calling": True, "json_output": True,
+                                          "structured_output": True, "family": "unknown"})
+    agent = AssistantAgent("adder", model_client=client, tools=[add], reflect_on_tool_use=True,
+                           system_message="You add numbers with the add tool.")
+
+    async def run():
+        try:
+            return await agent.run(task="Add 2 and 3.")
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    kinds = [type(m).__name__ for m in result.messages]
+    assert kinds == ["TextMessage", "ToolCallRequestEvent", "ToolCallExecutionEvent", "TextMessage"], kinds
+    assert tool_choices == ["required", "none"]  # the tool step, then autogen's own reflection step
+    [call] = result.messages[1].content
+    assert isinstance(result.messages[1], ToolCallRequestEvent) and call.name == "add"
+    assert call.id.startswith("call_") and json.loads(call.arguments) == {"a": seen[0][0], "b": seen[0][1]}
+    [done] = result.messages[2].content
+    assert isinstance(result.messages[2], ToolCallExecutionEvent) and not done.is_error
+    assert len(seen) == 1 and done.content == str(sum(seen[0]))
+    final = result.messages[3]
+    assert isinstance(final, TextMessage) and final.source == "adder" and final.content.strip()
