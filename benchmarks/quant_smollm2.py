@@ -87,7 +87,7 @@ def llamacpp_rows(args, ppl_seqs, kl_seqs, ref_lp, tmp: Path, rows: list, measur
         qp = llama_cpp.llama_model_quantize_default_params()
         qp.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
         qp.allow_requantize = True
-        qp.nthread = 2
+        qp.nthread = torch.get_num_threads()
         t = time.perf_counter()
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(qp))
         secs = time.perf_counter() - t
@@ -96,7 +96,7 @@ def llamacpp_rows(args, ppl_seqs, kl_seqs, ref_lp, tmp: Path, rows: list, measur
             continue
         t = time.perf_counter()
         llm = llama_cpp.Llama(model_path=str(out), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
-                              n_threads=2, verbose=False)
+                              n_threads=torch.get_num_threads(), verbose=False)
 
         def logprobs(seq):
             llm.reset()
@@ -216,7 +216,7 @@ def main() -> None:
                     help="take the rows a run printed to LOG (repeatable: runs split over processes); measure the rest")
     ap.add_argument("--report-only", action="store_true", help="with --rows-from: measure nothing, write the report")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # one thread: several processes side by side
     if args.speed_only:
         speed_pass(args)
         return

@@ -144,8 +144,8 @@ def test_bad_budget_in_a_recipe_exits_2_with_one_line_and_writes_nothing(tmp_pat
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "quantize.budget_bpw: 0.25 bits/weight is outside the reachable range" in p.stderr
     assert not (tmp_path / "o").exists()
-    (tmp_path / "r.yaml").write_text("quantize:\n  budget_bpw: 4\n  formats: [w5g32]\n")
-    with pytest.raises(SlimswarmError, match=r"r.yaml: quantize: Value error, format 'w5g32': use wB or wBgG"):
+    (tmp_path / "r.yaml").write_text("quantize:\n  budget_bpw: 4\n  formats: [w7g32]\n")
+    with pytest.raises(SlimswarmError, match=r"r.yaml: quantize: Value error, format 'w7g32': use wB or wBgG"):
         load_recipe(str(tmp_path / "r.yaml"))
 
 

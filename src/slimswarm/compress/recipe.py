@@ -16,7 +16,7 @@ from .prune.masks import parse_pattern
 class Override(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pattern: str  # fnmatch on module names, e.g. "model.layers.0.*" or "*.down_proj"
-    bits: Literal[2, 3, 4, 8] | None = None
+    bits: Literal[2, 3, 4, 5, 6, 8] | None = None
     group_size: int | None = None
     skip: bool = False
 
@@ -24,7 +24,7 @@ class Override(BaseModel):
 class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["rtn", "gptq", "awq"] = "rtn"
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: Literal[2, 3, 4, 5, 6, 8] = 4
     group_size: int = 128  # -1 or 0: per output channel
     per_tensor: bool = False  # one scale for the whole weight (rtn only; group_size is then ignored)
     symmetric: bool = False
