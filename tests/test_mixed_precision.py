@@ -178,3 +178,22 @@ def test_predicted_kl_tracks_the_kl_measured_with_each_tensor_quantized_alone():
     assert len(p) == 30
     assert torch.corrcoef(torch.stack([rank(p), rank(q)]))[0, 1] > 0.85
     assert 0.7 < (p / q).median() < 1.4
+
+
+def test_sensitivity_cache_measures_only_new_formats(tmp_path, calib, monkeypatch):
+    from slimswarm.compress.quant import sensitivity as sens
+
+    monkeypatch.setenv("SLIMSWARM_CACHE", str(tmp_path / "cache"))
+    m = load("stories260k")
+    passes = []
+    real = sens.fisher_pass
+    monkeypatch.setattr(sens, "fisher_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    cfg, f = QuantizeConfig(), WeightFormat.parse
+    first = sens.sensitivities(m.model, calib, [f("w4g32"), f("w8")], cfg)
+    again = sens.sensitivities(m.model, calib, [f("w8")], cfg)  # a subset: read back, no Fisher pass
+    assert len(passes) == 1 and all(again[n] == {"w8": first[n]["w8"]} for n in first)
+    more = sens.sensitivities(m.model, calib, [f("w4g32"), f("w6g32"), f("w8")], cfg, head_formats=[f("w8")])
+    assert len(passes) == 2 and all(more[n].get("w4g32") == first[n].get("w4g32") for n in first)
+    # the 6-bit step lies between 4 and 8 bits for every tensor where it fits
+    assert all(v["w4g32"] > v["w6g32"] > v["w8"] for n, v in more.items() if "w6g32" in v and n != "lm_head")
+    assert set(more["lm_head"]) == {"w8"}
