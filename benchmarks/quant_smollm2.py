@@ -317,7 +317,10 @@ def finish(args, rows: list, load_start, bw: float) -> None:
         "would be artificially lossless, so presets use groups of 128 (96 where 128 does not divide 576) and 64, int8 per channel, 3-bit.",
         "fp32 here is the de-quantized GGUF (the parent); every preset also stores the embeddings/LM head (tied) as int8 rows.",
         "Decode: batch 1-8 run our C kernel on the packed int4/int8 codes (fp32 activations); 3-bit weights are 3 bits on "
-        "disk but run through a 4-bit copy of their codes in memory, so their real bytes per token are the 4-bit ones (the bound shown uses the stored 3 bits).",
+        "disk but run through a 4-bit copy of their codes in memory, 5- and 6-bit weights through an 8-bit copy, so "
+        "their real bytes per token are the 4-/8-bit ones (the bound shown uses the stored bits).",
+        "decode tok/s were measured while other jobs used the CPU (load average below): measured under load; "
+        "re-measure on a quiet machine (`--speed-only`). Bytes, perplexity, KL and top-1 do not depend on the load.",
         "torchao rows: its configs applied to the decoder linears of the same model (embeddings/LM head stay fp32, so their "
         "bytes per token include a 113 MB fp32 table that our presets store as int8); disk bytes from torch.save.",
         "llama.cpp rows: the shipped Q4_1 GGUF re-quantized by llama.cpp's own llama_model_quantize (allow_requantize: "
@@ -327,9 +330,13 @@ def finish(args, rows: list, load_start, bw: float) -> None:
         "own eval loop at batch 1 (ours: our engine-free decode loop), so that column compares the two stacks.",
         "Q4_1-aligned layouts (32-blocks with a min: Q4_1, Q4_K_M's Q4_K) are artificially good on "
         "this model; the goals count only non-aligned ones (ours: groups of 64/96/128, per-channel int8; Q4_0, IQ4_NL, Q8_0, Q3_K_M: symmetric or non-linear).",
-        "mixed-* rows: quantize.budget_bytes for model.safetensors; the plan (formats per decoder linear and for the "
-        "tied embeddings/LM head) is chosen by a knapsack on predicted KL (quant/sensitivity.py) and is in the "
-        "checkpoint's slimswarm.json; predicted_kl is the plan's summed prediction, kl the measured one.",
+        "mixed-* rows: quantize.budget_bytes for model.safetensors (the folder adds 3.6 MB of tokenizer files and the "
+        "plan in slimswarm.json); the plan (formats per decoder linear from w3g64/w3g128/w4g128/w4g96/w4g64/w5g64/"
+        "w6g64/w8, and for the tied embeddings/LM head from w4g64/w5g64/w6g64/w6/w8) is chosen by a knapsack on "
+        "predicted KL (quant/sensitivity.py) and is in the checkpoint's slimswarm.json; predicted_kl is the plan's "
+        "summed prediction, kl the measured one.",
+        "rows marked reused_from: measured by the earlier run (results/quant_smollm2.json) with the same code path, "
+        "windows and token ids (quality is deterministic); not re-run here to save CPU on a shared machine.",
         f"machine load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores (above ~2 other work "
         "shared the CPU, so tokens/s are low and noisy; the ratios between rows are the signal)",
         f"bandwidth {bw:.1f} GB/s; gguf file itself: {smollm2_gguf_path().stat().st_size:,} bytes.",
