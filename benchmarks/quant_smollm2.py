@@ -87,7 +87,7 @@ def llamacpp_rows(args, ppl_seqs, kl_seqs, ref_lp, tmp: Path, rows: list, measur
         qp = llama_cpp.llama_model_quantize_default_params()
         qp.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
         qp.allow_requantize = True
-        qp.nthread = 2
+        qp.nthread = torch.get_num_threads()
         t = time.perf_counter()
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(qp))
         secs = time.perf_counter() - t
@@ -96,7 +96,7 @@ def llamacpp_rows(args, ppl_seqs, kl_seqs, ref_lp, tmp: Path, rows: list, measur
             continue
         t = time.perf_counter()
         llm = llama_cpp.Llama(model_path=str(out), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
-                              n_threads=2, verbose=False)
+                              n_threads=torch.get_num_threads(), verbose=False)
 
         def logprobs(seq):
             llm.reset()
@@ -215,8 +215,10 @@ def main() -> None:
     ap.add_argument("--rows-from", metavar="LOG", action="append",
                     help="take the rows a run printed to LOG (repeatable: runs split over processes); measure the rest")
     ap.add_argument("--report-only", action="store_true", help="with --rows-from: measure nothing, write the report")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable: e.g. the "
+                                                                   "commands that measured the merged rows)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # one thread: several processes side by side
     if args.speed_only:
         speed_pass(args)
         return
@@ -315,9 +317,13 @@ def finish(args, rows: list, load_start, bw: float) -> None:
     notes = [
         "Caveat: SmolLM2-135M-Instruct ships as Q4_1 (blocks of 32) with Q8_0 embeddings; 4-bit results with blocks of 32 "
         "would be artificially lossless, so presets use groups of 128 (96 where 128 does not divide 576) and 64, int8 per channel, 3-bit.",
-        "fp32 here is the de-quantized GGUF (the parent); every preset also stores the embeddings/LM head (tied) as int8 rows.",
+        "fp32 here is the de-quantized GGUF (the parent); every uniform preset also stores the embeddings/LM head (tied) "
+        "as int8 rows; mixed presets choose the table's format in the plan (column head).",
         "Decode: batch 1-8 run our C kernel on the packed int4/int8 codes (fp32 activations); 3-bit weights are 3 bits on "
-        "disk but run through a 4-bit copy of their codes in memory, so their real bytes per token are the 4-bit ones (the bound shown uses the stored 3 bits).",
+        "disk but run through a 4-bit copy of their codes in memory, 5- and 6-bit weights through an 8-bit copy, so "
+        "their real bytes per token are the 4-/8-bit ones (the bound shown uses the stored bits).",
+        "decode tok/s were measured while other jobs used the CPU (load average below): measured under load; "
+        "re-measure on a quiet machine (`--speed-only`). Bytes, perplexity, KL and top-1 do not depend on the load.",
         "torchao rows: its configs applied to the decoder linears of the same model (embeddings/LM head stay fp32, so their "
         "bytes per token include a 113 MB fp32 table that our presets store as int8); disk bytes from torch.save.",
         "llama.cpp rows: the shipped Q4_1 GGUF re-quantized by llama.cpp's own llama_model_quantize (allow_requantize: "
@@ -327,18 +333,49 @@ def finish(args, rows: list, load_start, bw: float) -> None:
         "own eval loop at batch 1 (ours: our engine-free decode loop), so that column compares the two stacks.",
         "Q4_1-aligned layouts (32-blocks with a min: Q4_1, Q4_K_M's Q4_K) are artificially good on "
         "this model; the goals count only non-aligned ones (ours: groups of 64/96/128, per-channel int8; Q4_0, IQ4_NL, Q8_0, Q3_K_M: symmetric or non-linear).",
-        "mixed-* rows: quantize.budget_bytes for model.safetensors; the plan (formats per decoder linear and for the "
-        "tied embeddings/LM head) is chosen by a knapsack on predicted KL (quant/sensitivity.py) and is in the "
-        "checkpoint's slimswarm.json; predicted_kl is the plan's summed prediction, kl the measured one.",
-        f"machine load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores (above ~2 other work "
-        "shared the CPU, so tokens/s are low and noisy; the ratios between rows are the signal)",
-        f"bandwidth {bw:.1f} GB/s; gguf file itself: {smollm2_gguf_path().stat().st_size:,} bytes.",
+        "mixed-* rows: quantize.budget_bytes for model.safetensors (the folder adds 3.6 MB of tokenizer files and the "
+        "plan in slimswarm.json); the plan (formats per decoder linear from w3g64/w3g128/w4g128/w4g96/w4g64/w5g64/"
+        "w6g64/w8, and for the tied embeddings/LM head from w4g64/w5g64/w6g64/w6/w8) is chosen by a knapsack on "
+        "predicted KL (quant/sensitivity.py) and is in the checkpoint's slimswarm.json; predicted_kl is the plan's "
+        "summed prediction, kl the measured one.",
+        "rows marked reused_from: measured by the earlier run (results/quant_smollm2.json) with the same code path, "
+        "windows and token ids (quality is deterministic); not re-run here to save CPU on a shared machine.",
+        (f"machine load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores (above ~2 other work "
+         "shared the CPU, so tokens/s are low and noisy; the ratios between rows are the signal)") if not args.report_only
+        else ("merged report (--report-only): each row's bandwidth_gb_s and speeds are from the run that measured it; "
+              "rows measured under different loads (reused_from rows: a quiet pass) are not comparable in speed, so "
+              "decode_speedup_vs_fp32 is only meaningful between rows of one run"),
+        f"bandwidth {bw:.1f} GB/s{' (at report time)' if args.report_only else ''}; gguf file itself: "
+        f"{smollm2_gguf_path().stat().st_size:,} bytes.",
     ]
+    notes += args.note
     ok = [r for r in rows if "perplexity" in r]
+    notes += goal_lines(ok)
     notes += [f"{r['name']}: did not run here ({r['error']})" for r in rows if "error" in r]
     paths = write_report(ok, args.out, "python benchmarks/quant_smollm2.py " + " ".join(sys.argv[1:]), notes)
     pareto_plot(ok, Path(args.out).with_name(Path(args.out).name + "_pareto.png"))
     print(Path(paths["md"]).read_text())
+
+
+GOALS = ((93.5e6, 10.0), (105e6, 5.0), (75e6, 25.0))  # (bytes on disk, ΔPPL %) of the quantization issue
+
+
+def goal_lines(rows: list) -> list[str]:
+    """For each goal: the best row of ours and of llama.cpp within its bytes (layouts aligned with the Q4_1 grid of
+    the published model do not count), and whether ours meets it."""
+    out = []
+    for limit, goal in GOALS:
+        fit = [r for r in rows if r["disk_bytes"] <= limit and r["name"] not in ("fp32", "bf16")
+               and not r.get("aligned_with_q4_1")]
+        best = {side: min((r for r in fit if r["name"].startswith("llama.cpp") == (side == "llama.cpp")),
+                          key=lambda r: r["delta_ppl_pct"], default=None) for side in ("ours", "llama.cpp")}
+        o, lc = best["ours"], best["llama.cpp"]
+        line = f"goal: <= {limit / 1e6:g} MB on disk, dPPL <= +{goal:g}%: "
+        line += (f"ours best {o['name']} {o['disk_bytes']:,} B, {o['delta_ppl_pct']:+.1f}% -> "
+                 f"{'met' if o['delta_ppl_pct'] <= goal else 'NOT met'}" if o else "no row of ours fits -> NOT met")
+        line += f"; llama.cpp best {lc['name']} {lc['delta_ppl_pct']:+.1f}%" if lc else "; no llama.cpp row fits"
+        out.append(line)
+    return out
 
 
 def speed_pass(args) -> None:

@@ -274,3 +274,13 @@ def test_cli_exports_a_saved_int4_checkpoint(story, tmp_path, capsys):
     assert "30 Q4_1" in line and "30 with our codes" in line and "KL to ours" in line, line
     cfg, sd, _ = read_gguf(tmp_path / "m.gguf")
     assert cfg.num_hidden_layers == 5 and "model.layers.4.mlp.down_proj.weight" in sd
+
+
+def test_5_and_6_bit_layers_are_requantized_to_q5_1_and_q8_0(story, tmp_path):
+    m = load("stories260k").model
+    quantize_model(m, QuantizeConfig(method="rtn", bits=6, group_size=32, head_bits=8,
+                                     overrides=[Override(pattern="*.down_proj", skip=True),
+                                                Override(pattern="*.self_attn.*", bits=5)]))
+    rep = export_gguf(m, story.tokenizer, tmp_path / "r.gguf",
+                      kl_text=data_path("text/tinystories-sample.txt").read_text())
+    assert rep.tensors["Q5_1"] > 0 and rep.tensors["Q8_0"] > 0 and 0 < rep.kl["kl"] < 0.05

@@ -120,6 +120,8 @@ FORMATS = {
     "w4g128": dict(bits=4, group_size=64 * 2),
     "w4_per_channel": dict(bits=4, group_size=-1),
     "w3g64": dict(bits=3, group_size=64),
+    "w5g64": dict(bits=5, group_size=64),
+    "w6g64": dict(bits=6, group_size=64),
     "w2g64": dict(bits=2, group_size=64),
 }
 

@@ -185,7 +185,7 @@ def test_compress_cli_end_to_end_and_eval_the_result(tmp_path, data_dir):
 
 @pytest.mark.parametrize("yaml_text,words", [
     ("quantize:\n  bitz: 4\n", ["quantize.bitz", "Extra inputs"]),
-    ("quantize:\n  bits: 5\n", ["quantize.bits"]),
+    ("quantize:\n  bits: 7\n", ["quantize.bits"]),
     ("quantize:\n  method: gptq\n  per_tensor: true\n", ["per_tensor works with method rtn"]),
     ("quantize:\n  bits: 4\n  group_size: 48\n", ["group_size 48 does not divide"]),
     ("quantize:\n  method: gptq\n  bits: 4\n  group_size: 32\n  group_fallback: true\n", ["calibration needs"]),

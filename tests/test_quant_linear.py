@@ -31,7 +31,7 @@ from slimswarm.compress.quant.packing import (pack, pack_int2, pack_int3, pack_i
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), lead=st.lists(st.integers(0, 3), max_size=2),
+@given(bits=st.sampled_from([2, 3, 4, 5, 6, 8]), lead=st.lists(st.integers(0, 3), max_size=2),
        n=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
 def test_pack_unpack_round_trip(bits, lead, n, seed):
     g = torch.Generator().manual_seed(seed)
@@ -62,8 +62,13 @@ def test_layout_low_bits_first():
     # 3 bits: rows pad up to 8 codes; unpack takes n
     assert pack_int3(torch.ones(5, dtype=torch.uint8)).shape == (3,)
     assert torch.equal(unpack_int3(pack_int3(torch.ones(5, dtype=torch.uint8)), 5), torch.ones(5, dtype=torch.uint8))
+    # 5 and 6 bits: 8 codes one 40/48-bit little-endian word
+    for bits in (5, 6):
+        c = torch.tensor([1, 2, 3, 4, 5, 6, 7, 2**bits - 1], dtype=torch.uint8)
+        word = sum(int(v) << (bits * i) for i, v in enumerate(c))
+        assert pack(c, bits).tolist() == [(word >> (8 * k)) & 0xFF for k in range(bits)]
     with pytest.raises(ValueError):
-        pack(torch.zeros(4, dtype=torch.uint8), 5)
+        pack(torch.zeros(4, dtype=torch.uint8), 7)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -120,7 +125,7 @@ def _check(m: QuantLinear, x: torch.Tensor, y: torch.Tensor):
 
 # ----------------------------------------------------------------------------------------------- kernels
 
-BITS = [2, 3, 4, 8]
+BITS = [2, 3, 4, 5, 6, 8]
 GROUPS = [-1, 32, 64, 128]
 
 

@@ -137,3 +137,20 @@ def test_smollm2_short_sentiment_training_answers_with_labels_and_beats_the_base
     finally:
         for e in backend.engines.values():
             e.stop()
+
+
+def test_label_scoring_row_picks_a_label_of_each_items_task_and_matches_batch_scoring(stories):
+    from slimswarm.agents.specialists import label_scoring_row
+    from slimswarm.evaluate.choice import choice_accuracy
+    from slimswarm.tasks import LABELS
+
+    items = demo_items(4)
+    row = label_scoring_row(stories.model, stories.tokenizer, items)
+    assert [a in LABELS[it.task] for a, it in zip(row["answers"], items)] == [True] * 4
+    assert row["failed"] == 0 and row["latency_p50_s"] > 0 and row["tokens"] == 0
+    # one item at a time picks what scoring each task's items together picks
+    for task in ("sst2", "agnews"):
+        group = [it for it in items if it.task == task]
+        picks = choice_accuracy(stories.model, stories.tokenizer, group)["picks"]
+        assert picks == [a for a, it in zip(row["answers"], items) if it.task == task]
+    assert row["correct"] == f"{sum(a == it.label for a, it in zip(row['answers'], items))}/4"

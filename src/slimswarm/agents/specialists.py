@@ -212,6 +212,30 @@ def compare_runs(runs: dict, items, parallel: int = 8) -> list[dict]:
     return rows
 
 
+def label_scoring_row(model, tokenizer, items, name: str = "one model: fp32, label scoring") -> dict:
+    """The one uncompressed model given the help the team's specialists get: each item's answer is the most likely
+    of its task's labels (``evaluate.choice``: log P of each label after the same chat prompt), one item at a time so
+    the latency is per task like the team's."""
+    import os
+    import time
+    from unittest import mock
+
+    from ..evaluate.choice import choice_accuracy
+    from .trace import percentile
+
+    lat, ok, answers = [], 0, []
+    for it in items:
+        t = time.perf_counter()
+        with mock.patch.dict(os.environ, {"SLIMSWARM_QUIET": "1"}):  # no progress line per scored item
+            r = choice_accuracy(model, tokenizer, [it], batch_size=8)
+        lat.append(time.perf_counter() - t)
+        ok += r["correct"]
+        answers.append(r["picks"][0])
+    return {"name": name, "correct": f"{ok}/{len(items)}", "accuracy": ok / len(items), "failed": 0,
+            "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95), "tokens": 0,
+            "wall_s": sum(lat), "answers": answers}
+
+
 def demo_team(team_file: str | Path, root: str | Path = DEFAULT_ROOT, n_items: int = 12, log=print) -> list[dict]:
     """The demo's team part: the specialist team of ``team_file`` (its adapters trained or reused under ``root``)
     and the same team on one uncompressed model (fp32, no adapters), on the same ``n_items`` held-out items.
@@ -240,13 +264,16 @@ def demo_team(team_file: str | Path, root: str | Path = DEFAULT_ROOT, n_items: i
             backends[name] = (build_team(c), backend_from_config(c, "engine"))
         log(f"  running {len(items)} held-out items (SST-2 + AG News) through each ...")
         rows = compare_runs(backends, items)
-        for row, (_, backend) in zip(rows, backends.values()):
+        one_engine = list(backends.values())[1][1].engines[key]
+        rows.append(label_scoring_row(one_engine.model, one_engine.tokenizer, items))
+        for row, (_, backend) in zip(rows, [*backends.values(), list(backends.values())[1]]):
             eng = backend.engines[key]
             row.update(weight_bytes=weight_bytes(eng.model),
-                       adapter_bytes=eng.adapters.nbytes() if eng.adapters is not None else 0, kv_bytes=eng.kv_bytes)
+                       adapter_bytes=eng.adapters.nbytes() if eng.adapters is not None else 0,
+                       kv_bytes=eng.kv_bytes if row is not rows[2] else 0)
             row["memory_bytes"] = row["weight_bytes"] + row["adapter_bytes"] + row["kv_bytes"]
         n = len(build_team(cfg).agents())
-        one = rows[1]["memory_bytes"]
+        one = rows[1]["memory_bytes"]  # the generating one model (with its KV cache)
         rows.append({"name": f"one fp32 model per agent ({n} agents, computed)", "memory_bytes": n * one})
         return rows
     finally:

@@ -16,7 +16,7 @@ from .prune.masks import parse_pattern
 class Override(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pattern: str  # fnmatch on module names, e.g. "model.layers.0.*" or "*.down_proj"
-    bits: Literal[2, 3, 4, 8] | None = None
+    bits: Literal[2, 3, 4, 5, 6, 8] | None = None
     group_size: int | None = None
     skip: bool = False
 
@@ -24,7 +24,7 @@ class Override(BaseModel):
 class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["rtn", "gptq", "awq"] = "rtn"
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: Literal[2, 3, 4, 5, 6, 8] = 4
     group_size: int = 128  # -1 or 0: per output channel
     per_tensor: bool = False  # one scale for the whole weight (rtn only; group_size is then ignored)
     symmetric: bool = False
@@ -229,13 +229,16 @@ _PRESETS = {
     "w4g64-gptq": {"quantize": {"method": "gptq", "bits": 4, "group_size": 64}},
     "w4g64-gptq-imatrix": {"quantize": {"method": "gptq", "bits": 4, "group_size": 64, "range_search": "imatrix"},
                            "calibration": {"samples": 16, "seq_len": 256}},
-    # Mixed precision: the checkpoint folder (model.safetensors + 3.6 MB of tokenizer files) within 93.5 / 105 / 75 MB,
-    # the sizes of llama.cpp's Q3_K_M / Q4_K_M files of SmolLM2-135M and a 3-bit-class target (benchmarks/quant_smollm2.py).
+    # Mixed precision: the checkpoint folder (model.safetensors + 3.6 MB of tokenizer files + slimswarm.json with the
+    # plan) within 93.5 / 105 / 75 MB, the sizes of llama.cpp's Q3_K_M / Q4_K_M files of SmolLM2-135M and a 3-bit-class
+    # target (benchmarks/quant_smollm2.py). Steps of 3, 4, 5, 6 and 8 bits, so the knapsack can give the sensitive
+    # tensors (and the embeddings/LM head) a little more, not the 4 -> 8 jump.
     **{f"mixed-{mb}mb": {"quantize": {"method": "gptq", "range_search": "imatrix", "budget_bytes": nbytes,
-                                      "formats": ["w3g64", "w4g128", "w4g96", "w4g64", "w8"],
-                                      "head_formats": ["w4g64", "w8"]},
+                                      "formats": ["w3g64", "w3g128", "w4g128", "w4g96", "w4g64", "w5g64", "w6g64",
+                                                  "w8"],
+                                      "head_formats": ["w4g64", "w5g64", "w6g64", "w6", "w8"]},
                          "calibration": {"samples": 16, "seq_len": 256}}
-       for mb, nbytes in ((93, 89_900_000), (105, 101_400_000), (75, 71_400_000))},
+       for mb, nbytes in ((93, 89_800_000), (105, 101_300_000), (75, 71_300_000))},
     "magnitude-50": {"prune": {"method": "magnitude", "sparsity": 0.5}},
     "wanda-50": {"prune": {"method": "wanda", "sparsity": 0.5}},
     "sparsegpt-50": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},

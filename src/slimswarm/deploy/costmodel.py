@@ -16,11 +16,11 @@ from .devices import DecodeCost
 
 def weight_format(module: torch.nn.Module) -> str:
     """The format a leaf module's weights are read in at decode: int8 / int4 for packed codes (3- and 2-bit codes run
-    through a 4-bit copy), else the float dtype."""
+    through a 4-bit copy, 5- and 6-bit codes through an 8-bit one), else the float dtype."""
     from ..compress.quant.linear import QuantEmbedding, QuantLinear
 
     if isinstance(module, QuantLinear):
-        return "int8" if module.bits == 8 else "int4"
+        return "int8" if module.bits >= 5 else "int4"
     if isinstance(module, QuantEmbedding):
         return weight_format(module.rows)
     for p in module.parameters(recurse=False):

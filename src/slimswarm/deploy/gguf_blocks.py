@@ -103,5 +103,6 @@ def requantize(w: torch.Tensor, kind: str) -> np.ndarray:
 
 
 def nearest_type(bits: int) -> str:
-    """Where no GGML type has our codes: Q8_0 for 8 bits, else Q4_1 (at least our bits, asymmetric like min-max)."""
-    return "Q8_0" if bits == 8 else "Q4_1"
+    """Where no GGML type has our codes: Q8_0 for 8 bits, Q5_1 / Q8_0 for 5 / 6 bits, else Q4_1 (at least our bits,
+    asymmetric like min-max)."""
+    return {8: "Q8_0", 6: "Q8_0", 5: "Q5_1"}.get(bits, "Q4_1")

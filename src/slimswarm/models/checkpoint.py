@@ -106,7 +106,7 @@ def save_checkpoint(model: CausalLM, tokenizer, out: str | Path, meta: dict, ove
 
 class _QuantEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
-    bits: Literal[2, 3, 4, 8]
+    bits: Literal[2, 3, 4, 5, 6, 8]
     group_size: StrictInt
     tied: StrictBool = False
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ...errors import SlimswarmError
 from .packing import packed_len
 
-_NAME = re.compile(r"w([2348])(?:g(\d+))?")
+_NAME = re.compile(r"w([234568])(?:g(\d+))?")
 
 
 @dataclass(frozen=True, order=True)
@@ -21,7 +21,7 @@ class WeightFormat:
     def parse(cls, name: str) -> "WeightFormat":
         m = _NAME.fullmatch(name)
         if not m or (m.group(2) is not None and (int(m.group(2)) < 16 or int(m.group(2)) % 16)):
-            raise SlimswarmError(f"format {name!r}: use wB or wBgG with B in 2, 3, 4, 8 and G a multiple of 16 "
+            raise SlimswarmError(f"format {name!r}: use wB or wBgG with B in 2, 3, 4, 5, 6, 8 and G a multiple of 16 "
                                  "(e.g. w4g64, w3g128, w8)")
         return cls(int(m.group(1)), int(m.group(2)) if m.group(2) else -1)
 

@@ -32,7 +32,9 @@ timings in benchmarks/results/quant_kernels.md):
                  *activations* to uint8 per call, so it is a different model, not a free speedup; per-channel only.
 
 2 and 3 bits: the fast kernels need 4-bit codes, so ``prepare`` keeps a non-persistent 4-bit copy of the codes
-(0.5 byte a weight in RAM on top of the 0.25/0.375 stored). Set ``low_memory=True`` to refuse that copy and
+(0.5 byte a weight in RAM on top of the 0.25/0.375 stored). 5 and 6 bits (a mixed-precision plan's step between
+4 and 8, as llama.cpp's Q5/Q6 k-quants): the C kernel and the native step read an 8-bit copy (1 byte a weight in
+RAM on top of the 0.625/0.75 stored). Set ``low_memory=True`` to refuse either copy and
 de-quantize per call instead (exact, much slower at decode). Caches are never saved and are rebuilt after
 ``load_state_dict`` / ``.to()``.
 """
@@ -85,8 +87,8 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  device=None, *, act_quant: bool = False, low_memory: bool = False):
         super().__init__()
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+        if bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(f"bits must be 2, 3, 4, 5, 6 or 8, got {bits}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = check_grouping(in_features, group_size)
         self._cache: dict = {}  # kernel-specific copies and dispatch choices, built lazily, never in the state dict
@@ -109,7 +111,7 @@ class QuantLinear(nn.Module):
 
     @property
     def low_memory(self) -> bool:
-        """2/3 bits: never keep a 4-bit copy of the codes (de-quantize per call instead)."""
+        """2/3 (5/6) bits: never keep a 4-bit (8-bit) copy of the codes (de-quantize per call instead)."""
         return self._low_memory
 
     @low_memory.setter
@@ -185,6 +187,18 @@ class QuantLinear(nn.Module):
             self._cache["codes4"] = pack_int4(self.codes())
         return self._cache["codes4"]
 
+    def _codes8(self) -> torch.Tensor:
+        """Codes one byte each (the stored ones at 8 bits; a cached copy for 5/6 bits)."""
+        if self.bits == 8:
+            return self.qweight
+        if "codes8" not in self._cache:
+            self._cache["codes8"] = self.codes().contiguous()
+        return self._cache["codes8"]
+
+    def _kernel_codes(self) -> tuple[torch.Tensor, int]:
+        """(codes, 4 or 8): what the C kernel reads, the stored codes or a 4/8-bit copy."""
+        return (self._codes8(), 8) if self.bits >= 5 else (self._codes4(), 4)
+
     def _tiny(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         if "tiny" not in self._cache:
             g = _tiny_group(self.group_size)
@@ -215,7 +229,7 @@ class QuantLinear(nn.Module):
             k = self.kernel_for(1, dtype)
             if k == "c":
                 self._fp32_params()
-                self._codes4() if self.bits != 8 else None
+                self._kernel_codes()
             elif k == "tinygemm":
                 self._tiny()
             elif k == "fbgemm":
@@ -227,12 +241,13 @@ class QuantLinear(nn.Module):
         (2/3 bits through the 4-bit copy), or the reason it cannot read this layer."""
         if self.act_quant:
             return "act_quant layer (fbgemm int8 activations)"
-        if self.bits in (2, 3) and self.low_memory:
-            return f"{self.bits}-bit low_memory layer (no 4-bit copy of the codes)"
+        if self.bits in (2, 3, 5, 6) and self.low_memory:
+            return f"{self.bits}-bit low_memory layer (no {4 if self.bits < 4 else 8}-bit copy of the codes)"
         if self.qweight.device.type != "cpu":
             return f"weights on {self.qweight.device}"
         s, z, _ = self._fp32_params()
-        return {"fmt": "q8" if self.bits == 8 else "q4", "codes": self.qweight if self.bits == 8 else self._codes4(),
+        codes, bits = self._kernel_codes()
+        return {"fmt": f"q{bits}", "codes": codes,
                 "scale": s, "zero": z, "group_size": self.group_size,
                 "bias": None if self.bias is None else self.bias.detach().float().contiguous()}
 
@@ -243,7 +258,7 @@ class QuantLinear(nn.Module):
             return True
         if kernel == "c":
             return (cpu and 0 < m <= kernels.MAX_M and self.group_size % 16 == 0 and self.in_features % 2 == 0
-                    and (self.bits == 8 or self.bits == 4 or not self.low_memory) and kernels.available())
+                    and (self.bits in (4, 8) or not self.low_memory) and kernels.available())
         if kernel == "tinygemm":
             return (cpu and m > 0 and dtype == torch.bfloat16 and self.bits in (2, 3, 4)
                     and (self.bits == 4 or not self.low_memory) and _tiny_group(self.group_size) is not None
@@ -297,7 +312,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(m, self.in_features)
         if k == "c":
             s, z, _ = self._fp32_params()
-            q, bits = (self.qweight, 8) if self.bits == 8 else (self._codes4(), 4)
+            q, bits = self._kernel_codes()
             b = None if self.bias is None else self.bias.float().contiguous()
             y = kernels.linear_quant(x2.float().contiguous(), q, s, z, bits, self.group_size, b).to(x.dtype)
         elif k == "tinygemm":

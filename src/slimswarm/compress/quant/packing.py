@@ -1,4 +1,5 @@
-"""Bit packing of integer codes along the last dimension: 8 (as is), 4 (two a byte), 3 (eight in 3 bytes), 2 (four a byte).
+"""Bit packing of integer codes along the last dimension: 8 (as is), 4 (two a byte), 3/5/6 (eight in 3/5/6 bytes),
+2 (four a byte).
 
 Layout (little-endian within each unit, the first code in the lowest bits):
 
@@ -6,9 +7,11 @@ Layout (little-endian within each unit, the first code in the lowest bits):
 * 2 bits: byte ``i`` holds codes ``4i .. 4i+3`` at bit offsets 0, 2, 4, 6.
 * 3 bits: each group of 8 codes is one 24-bit little-endian word (3 bytes), code ``j`` at bit ``3j``.
   Rows are zero-padded up to a multiple of 8 codes; ``unpack`` takes ``n`` to drop the padding.
+* 5 and 6 bits: the same, each group of 8 codes one 40/48-bit little-endian word (5/6 bytes), code ``j`` at bit
+  ``bits*j``.
 * 8 bits: the codes themselves (uint8).
 
-A row of ``n`` codes takes ``packed_len(n, bits)`` bytes: n*bits/8, with 3 bits rounded up to 3 bytes per 8.
+A row of ``n`` codes takes ``packed_len(n, bits)`` bytes: n*bits/8, with 3/5/6 bits rounded up to whole groups of 8.
 All functions are pure (no state, no in-place edits of their inputs) and work on any leading dimensions.
 """
 
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
+_WORD = (3, 5, 6)  # packed as words of 8 codes
 
 
 def _check(bits: int) -> None:
@@ -27,8 +31,8 @@ def _check(bits: int) -> None:
 def packed_len(n: int, bits: int) -> int:
     """Bytes that ``n`` codes of ``bits`` bits take in a row."""
     _check(bits)
-    if bits == 3:
-        return (n + 7) // 8 * 3
+    if bits in _WORD:
+        return (n + 7) // 8 * bits
     return (n * bits + 7) // 8
 
 
@@ -86,11 +90,34 @@ def unpack_int3(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return c if n is None or n == c.shape[-1] else c[..., :n].contiguous()
 
 
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] (values < 2^bits) → uint8 [..., ceil(n/8)*bits]: 8 codes a (8*bits)-bit little-endian word."""
+    c = _pad_last(codes.to(torch.uint8), 8)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // 8, 8).to(torch.int64)
+    shifts = torch.arange(8, dtype=torch.int64, device=c.device) * bits
+    word = (c << shifts).sum(-1)  # the shifted codes do not overlap, so sum == bitwise or (at most 48 bits)
+    out = torch.stack([(word >> (8 * k)) & 0xFF for k in range(bits)], -1).to(torch.uint8)
+    return out.reshape(*c.shape[:-2], bits * c.shape[-2])
+
+
+def unpack_words(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
+    """Inverse of ``pack_words``: uint8 [..., bits*k] → uint8 codes [..., n] (default n = 8k)."""
+    if packed.shape[-1] % bits:
+        raise ValueError(f"{bits}-bit rows are a multiple of {bits} bytes, got {packed.shape[-1]}")
+    p = packed.reshape(*packed.shape[:-1], packed.shape[-1] // bits, bits).to(torch.int64)
+    word = sum(p[..., k] << (8 * k) for k in range(bits))
+    shifts = torch.arange(8, dtype=torch.int64, device=p.device) * bits
+    c = ((word[..., None] >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(*packed.shape[:-1], 8 * word.shape[-1])
+    return c if n is None or n == c.shape[-1] else c[..., :n].contiguous()
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., n] with values < 2**bits → uint8 [..., packed_len(n, bits)], low bits first."""
     _check(bits)
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
+    if bits in (5, 6):
+        return pack_words(codes, bits)
     return {2: pack_int2, 3: pack_int3, 4: pack_int4}[bits](codes)
 
 
@@ -99,4 +126,6 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _check(bits)
     if bits == 8:
         return packed[..., :n]
+    if bits in (5, 6):
+        return unpack_words(packed, bits, n)
     return {2: unpack_int2, 3: unpack_int3, 4: unpack_int4}[bits](packed, n)

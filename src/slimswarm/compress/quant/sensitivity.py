@@ -120,14 +120,16 @@ def predicted_kl(w: torch.Tensor, wq: torch.Tensor, g2: torch.Tensor, xx: torch.
     return 0.5 * float((g2 * ((d @ xx) * d).sum(1)).sum())
 
 
-def _key(model, calib: torch.Tensor, formats: list[WeightFormat], cfg, head_formats: list[WeightFormat]) -> str:
+def _key(model, calib: torch.Tensor, cfg) -> str:
+    """The cache key: weights, calibration tokens and quantizer settings; not the formats (one file holds every
+    format measured so far, so a plan with one more format only measures that one)."""
     h = hashlib.sha256()
     for n, m in decoder_linears(model).items():
         h.update(n.encode())
         h.update(m.weight.detach().float().contiguous().numpy().tobytes())
+    h.update(model.lm_head.weight.detach().float().contiguous().numpy().tobytes())
     h.update(calib.contiguous().numpy().astype("int64").tobytes())
-    h.update(repr(([f.name for f in formats], [f.name for f in head_formats])).encode())
-    h.update(repr((cfg.symmetric, "rtn-minmax errors")).encode())
+    h.update(repr((cfg.symmetric, "rtn-minmax errors", 2)).encode())
     return h.hexdigest()[:24]
 
 
@@ -154,23 +156,33 @@ def head_sensitivity(model, stats, formats: list[WeightFormat], search: bool) ->
 def sensitivities(model, calib: torch.Tensor, formats: list[WeightFormat], cfg, cache: bool = True,
                   head_formats: list[WeightFormat] | None = None) -> dict:
     """{linear name: {format name: predicted ΔKL in nats/token}} for every decoder linear and every format that fits
-    its width (and "lm_head" for ``head_formats``). Cached under ``cache_dir()`` (``SLIMSWARM_CACHE`` moves it)."""
-    path = cache_dir() / f"{_key(model, calib, formats, cfg, head_formats or [])}.pt"
+    its width (and "lm_head" for ``head_formats``). Cached under ``cache_dir()`` (``SLIMSWARM_CACHE`` moves it):
+    formats already measured for these weights and calibration tokens are read back, only new ones are measured."""
+    path = cache_dir() / f"{_key(model, calib, cfg)}.pt"
+    known: dict[str, dict[str, float]] = {}
     if cache and path.is_file():
-        return torch.load(path, weights_only=True)  # a dict of floats: nothing to unpickle
-    stats = fisher_pass(model, calib)
-    out: dict[str, dict[str, float]] = {}
+        known = torch.load(path, weights_only=True)  # a dict of floats: nothing to unpickle
     lins = decoder_linears(model)
-    for n, m in progress(list(lins.items()), "sensitivity (formats)"):
-        w = m.weight.detach().float()
-        st = stats[n]
-        out[n] = {f.name: predicted_kl(w, quantize_as(w, f, cfg, st["xx"]), st["g2"], st["xx"])
-                  for f in formats if f.fits(m.in_features)}
+    head_formats = head_formats or []
+    want = {n: [f for f in formats if f.fits(m.in_features) and f.name not in known.get(n, {})]
+            for n, m in lins.items()}
+    want_head = [f for f in head_formats if f.name not in known.get("lm_head", {})]
+    if any(want.values()) or want_head:
+        stats = fisher_pass(model, calib)
+        for n, m in progress(list(lins.items()), "sensitivity (formats)"):
+            w = m.weight.detach().float()
+            st = stats[n]
+            known.setdefault(n, {}).update(
+                {f.name: predicted_kl(w, quantize_as(w, f, cfg, st["xx"]), st["g2"], st["xx"]) for f in want[n]})
+        if want_head:
+            known.setdefault("lm_head", {}).update(head_sensitivity(model, stats, want_head, False))
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(known, tmp)
+            os.replace(tmp, path)
+    names = {f.name for f in formats}
+    out = {n: {k: v for k, v in known[n].items() if k in names} for n in lins}
     if head_formats:
-        out["lm_head"] = head_sensitivity(model, stats, head_formats, False)
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, path)
+        out["lm_head"] = {k: v for k, v in known["lm_head"].items() if k in {f.name for f in head_formats}}
     return out
