@@ -173,9 +173,11 @@ def run_transformers(n: int, max_tokens: int) -> dict:
         lora = True
     except ImportError:
         lora = False
+    # one full model per agent: what a team without a shared base runs. Copies first: peft's get_peft_model injects
+    # its LoRA layers into the model in place, so copying a wrapped model would stack a second adapter on it
+    bases = [copy.deepcopy(first) for _ in range(AGENTS - 1)] + [first]
     models = []
-    for a in range(AGENTS):  # one full model per agent: what a team without a shared base runs
-        m = first if a == 0 else copy.deepcopy(first)
+    for m in bases:
         if lora:
             from peft import LoraConfig, get_peft_model
 

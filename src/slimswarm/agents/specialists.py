@@ -53,6 +53,16 @@ def lora_targets(n_layers: int, upper: int | None) -> list[str]:
     return [f"*.layers.{i}.*_proj" for i in range(n_layers - upper, n_layers)]
 
 
+def finetune_config(spec, n_layers: int):
+    """The LoRA fine-tuning settings of a specialist spec (any spec with r, upper_layers, steps, batch_size, lr,
+    max_len, seed): rank r with alpha 2r on the top ``upper_layers`` layers, a warmup of a fifth of the steps (<= 10)."""
+    from ..compress.lora import FinetuneConfig, LoRAConfig
+
+    lora = LoRAConfig(r=spec.r, alpha=2.0 * spec.r, targets=lora_targets(n_layers, spec.upper_layers))
+    return FinetuneConfig(lora=lora, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, max_len=spec.max_len,
+                          seed=spec.seed, warmup=min(10, spec.steps // 5), log_every=max(1, spec.steps // 10))
+
+
 def cached(path: str | Path, spec: SpecialistSpec) -> bool:
     """Whether ``path`` holds an adapter trained from exactly ``spec``."""
     meta = Path(path) / "adapter.json"
@@ -81,7 +91,7 @@ def load_base(base: str, quantize: str | None):
 
 def train_specialist(spec: SpecialistSpec, out: str | Path, log=print) -> dict:
     """Train ``spec``'s adapter and write it to ``out`` (atomically); returns its training summary."""
-    from ..compress.lora import FinetuneConfig, LoRAConfig, finetune_lora, save_adapter
+    from ..compress.lora import finetune_lora, save_adapter
     from ..models.checkpoint import file_sha256
     from ..tasks import gsm8k_solutions, load_task, messages_for, target_for
 
@@ -90,10 +100,7 @@ def train_specialist(spec: SpecialistSpec, out: str | Path, log=print) -> dict:
     items = load_task(spec.task, "train", n=spec.examples, seed=spec.seed)
     sol = gsm8k_solutions() if spec.task == "gsm8k" else {}
     pairs = [(tok.chat(messages_for(it)), target_for(it, sol.get(it.id))) for it in items]
-    lora = LoRAConfig(r=spec.r, alpha=2.0 * spec.r,
-                      targets=lora_targets(loaded.model.config.num_hidden_layers, spec.upper_layers))
-    cfg = FinetuneConfig(lora=lora, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, max_len=spec.max_len,
-                         seed=spec.seed, warmup=min(10, spec.steps // 5), log_every=max(1, spec.steps // 10))
+    cfg = finetune_config(spec, loaded.model.config.num_hidden_layers)
     log(f"  training specialist {spec.name}: {len(pairs)} {spec.task} train examples, {spec.steps} steps x "
         f"{spec.batch_size}, r={spec.r}, top {spec.upper_layers or 'all'} layers"
         f"{' on a ' + spec.quantize + ' base' if spec.quantize else ''}")
@@ -103,7 +110,7 @@ def train_specialist(spec: SpecialistSpec, out: str | Path, log=print) -> dict:
             "base": {"source": str(loaded.source), "sha256": file_sha256(loaded.source), "quantize": spec.quantize},
             "train": {"task": spec.task, "examples": len(pairs), "history": res.history,
                       "seconds": round(res.seconds, 1), "trained_params": res.trained_params}}
-    save_adapter(loaded.model, out, lora, meta)
+    save_adapter(loaded.model, out, cfg.lora, meta)
     log(f"  {spec.name}: {res.seconds:.0f}s, final loss {res.history[-1]['loss_ema']:.3f} -> {out}")
     return meta["train"]
 

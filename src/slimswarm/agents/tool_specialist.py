@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .specialists import DEFAULT_ROOT, cached, lora_targets, load_base
+from .specialists import DEFAULT_ROOT, cached, finetune_config, load_base
 
 TOOL_SPEC_VERSION = 2  # bump when the training set or the recipe changes in a way the fields do not capture
 
@@ -78,7 +78,7 @@ def base_replies(loaded, examples, max_tokens: int = 32) -> list[tuple[str, str]
 def train_tool_specialist(spec: ToolSpecialistSpec, out: str | Path, log=print, loaded=None) -> dict:
     """Train ``spec``'s adapter and write it to ``out`` (atomically); returns its training summary (wall time,
     loss history, held-out loss before and after). ``loaded``: the base already loaded (quantized as the spec says)."""
-    from ..compress.lora import FinetuneConfig, LoRAConfig, finetune_lora, save_adapter, unwrap_lora
+    from ..compress.lora import finetune_lora, save_adapter, unwrap_lora
     from ..models.checkpoint import file_sha256
     from .tool_calls_data import chat_set, tool_call_set, training_pairs
 
@@ -89,10 +89,7 @@ def train_tool_specialist(spec: ToolSpecialistSpec, out: str | Path, log=print, 
     chats = base_replies(loaded, chat_set("train", spec.chat_examples, spec.seed)) if spec.chat_examples else []
     pairs += chats
     held = training_pairs(tok, tool_call_set("held_out", 12, spec.seed), vary=False)
-    lora = LoRAConfig(r=spec.r, alpha=2.0 * spec.r,
-                      targets=lora_targets(loaded.model.config.num_hidden_layers, spec.upper_layers))
-    cfg = FinetuneConfig(lora=lora, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, max_len=spec.max_len,
-                         seed=spec.seed, warmup=min(10, spec.steps // 5), log_every=max(1, spec.steps // 10))
+    cfg = finetune_config(spec, loaded.model.config.num_hidden_layers)
     log(f"  training {spec.name}: {len(pairs) - len(chats)} tool-call + {len(chats)} no-tool examples, {spec.steps} steps x {spec.batch_size}, "
         f"r={spec.r}, top {spec.upper_layers or 'all'} layers{' on a ' + spec.quantize + ' base' if spec.quantize else ''}"
         f", {torch.get_num_threads()} thread(s)")
@@ -109,7 +106,7 @@ def train_tool_specialist(spec: ToolSpecialistSpec, out: str | Path, log=print, 
     meta = {"slimswarm": spec.key(),
             "base": {"source": str(loaded.source), "sha256": file_sha256(loaded.source), "quantize": spec.quantize},
             "train": summary}
-    save_adapter(loaded.model, out, lora, meta)
+    save_adapter(loaded.model, out, cfg.lora, meta)
     unwrap_lora(loaded.model)  # the caller's base is the base again
     log(f"  {spec.name}: {res.seconds:.0f}s wall, {cpu:.0f}s CPU, held-out call loss {before:.3f} -> {after:.3f} -> {out}")
     return summary
