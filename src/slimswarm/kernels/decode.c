@@ -301,7 +301,7 @@ typedef struct {
     int32_t *xqs; /* [M, A] sums of xq over each activation group */
     float *xqsf;  /* [M, G] sum of the de-quantized x over each weight group (the zero-point term's input) */
     float *sxa;   /* [M, A] the scale of each activation group */
-    int64_t ag, A; /* activation group width (divides gs) and groups a row */
+    int64_t bpg, A; /* activation blocks per weight group, and per row (see act_width) */
 } prep_t;
 
 /* Columns that share one int8 scale of x ("activation blocks"), within each weight group: 32 columns for 8-bit
@@ -346,8 +346,8 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
     if (p->x == x && p->fmt == fmt && p->gs == L->gs && p->K == L->K && p->i8 == use8 && p->M == M) return;
     p->x = x, p->fmt = fmt, p->gs = L->gs, p->K = L->K, p->i8 = use8, p->M = M;
     const int64_t K = L->K, gs = L->gs, G = K / gs;
-    p->ag = act_blocks(gs, fmt == F_Q4); /* blocks per group */
-    p->A = G * p->ag;
+    p->bpg = act_blocks(gs, fmt == F_Q4);
+    p->A = G * p->bpg;
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float *xp = p->xp + m * K;
@@ -363,7 +363,7 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
             }
             continue;
         }
-        const int64_t A = p->A, r = p->ag;
+        const int64_t A = p->A, r = p->bpg;
         const int q4 = fmt == F_Q4;
         int8_t *xq = p->xq + m * K;
         for (int64_t a = 0, c0 = 0; a < A; a++) {
