@@ -63,11 +63,64 @@ def linear_bytes(model) -> dict[str, int]:
     return out
 
 
+def profile_rows8(name: str, path: Path, act8: bool, threads: list[int], steps: int, prof) -> list[dict]:
+    """8 rows at different positions in one step, first on the base alone, then with 8 different random rank-8 LoRA
+    adapters (every projection), as the engine runs vs_llamacpp's 8-row case."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from team_throughput import random_adapter
+
+    from slimswarm.compress.lora import AdapterBank
+
+    model = load(str(path)).model
+    native.set_act_int8(model, act8)
+    by = linear_bytes(model)
+    bank = AdapterBank(model, {f"agent{i}": random_adapter(model, i) for i in range(8)})
+    out = []
+    for adapters in (False, True):
+        for nth in threads:
+            torch.set_num_threads(nth)
+            with torch.inference_mode():
+                model.setup_cache(8, 64 + steps + 16)
+                bank.set_rows([None] * 8)
+                model(torch.tensor([list(range(100, 164))] * 8), 0, last_only=True)
+                bank.set_rows([f"agent{i}" for i in range(8)] if adapters else [None] * 8)
+                tok = torch.full((8, 1), 300)
+                start = torch.arange(56, 64) + 1  # mixed positions, as a continuous batch has them
+                for j in range(4):
+                    model(tok, start + j, None, last_only=True, row0=0)
+                for i in range(8):
+                    prof[i] = 0.0
+                t0 = time.perf_counter()
+                for j in range(steps):
+                    lg = model(tok, start + 4 + j, None, last_only=True, row0=0)[:, -1]
+                    tok = lg.argmax(-1, keepdim=True)
+                wall = (time.perf_counter() - t0) / steps
+            model.clear_cache()
+            ph = {p: 1000 * prof[i] / steps for i, p in enumerate(PHASES)}
+            c_ms = sum(ph.values()) + 1000 * prof[7] / steps
+            row = {"weights": name + (" x8 rows, 8 adapters" if adapters else " x8 rows"),
+                   "activations": "int8" if act8 else "fp32", "threads": nth,
+                   "step_ms": 1000 * wall, "c_call_ms": c_ms, "python_ms": 1000 * wall - c_ms,
+                   **{f"{p}_ms": ph[p] for p in PHASES}, "barrier_wait_ms": 1000 * prof[7] / steps,
+                   **{f"{p}_gb_s": by[p] / (ph[p] / 1000) / 1e9 if ph[p] else None for p in ("gate_up", "head")},
+                   "tokens_per_s": 8 / wall}
+            out.append(row)
+            print(f"{row['weights']} act {row['activations']} x{nth}: {row['step_ms']:.2f} ms/step (C {c_ms:.2f}): "
+                  + ", ".join(f"{p} {ph[p]:.2f}" for p in PHASES) + f", barriers {row['barrier_wait_ms']:.2f}, "
+                  f"{row['tokens_per_s']:.1f} tok/s", flush=True)
+    bank.set_rows([None] * 8)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=str(ROOT / "out" / "vs_llamacpp"), help="vs_llamacpp.py's checkpoints")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--rows8", action="store_true",
+                    help="also profile 8 rows at once (w4g128 int8 activations) without and with 8 different LoRA "
+                         "adapters (the vs_llamacpp 8-row case)")
+    ap.add_argument("--only-rows8", action="store_true", help="only the 8-row profile")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "native_profile"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -83,6 +136,12 @@ def main() -> None:
     prof = (ctypes.c_double * 8).in_dll(lib, "ss_prof")
     rows = []
     ids = list(range(100, 164))
+    if args.only_rows8:
+        variants = []
+    if args.rows8 or args.only_rows8:
+        variants_rows8 = [("w4g128", work / "slimswarm-w4g128-rtn", True)]
+    else:
+        variants_rows8 = []
     for name, path, act8 in variants:
         model = load(str(path)).model
         native.set_act_int8(model, act8)
@@ -120,6 +179,8 @@ def main() -> None:
                   + ", ".join(f"{p} {ph[p]:.2f}" for p in PHASES) + f", barriers {row['barrier_wait_ms']:.2f}",
                   flush=True)
             del orig
+    for name, path, act8 in variants_rows8:
+        rows += profile_rows8(name, path, act8, [int(t) for t in args.threads.split(",")], args.steps, prof)
     load_avg = os.getloadavg()
     notes = [f"ISA {isa}; one sequence, {args.steps} greedy steps after a 64-token prompt; thread 0's clock per phase "
              "(with 2 threads a phase's time includes waiting for the slower thread only at the barrier that ends it)",

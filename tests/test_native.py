@@ -470,8 +470,10 @@ def _act_widths(gs: int, q4: bool) -> list[int]:
     return [64] * (gs // 64) + ([32] if gs % 64 else [])
 
 
-@pytest.mark.parametrize("bits,gs,hidden", [(4, 96, 192), (4, -1, 256), (8, -1, 192), (8, 64, 128), (4, 16, 128)])
-def test_int8_activations_equal_a_python_emulation_of_their_rounding(bits, gs, hidden, monkeypatch):
+@pytest.mark.parametrize("bits,gs,hidden,vocab,inter", [(4, 96, 192, 96, 0), (4, -1, 256, 96, 0), (8, -1, 192, 96, 0),
+                                                         (8, 64, 128, 96, 0), (4, 16, 128, 96, 0), (4, -1, 128, 99, 130),
+                                                         (8, 32, 128, 101, 0)])
+def test_int8_activations_equal_a_python_emulation_of_their_rounding(bits, gs, hidden, vocab, inter, monkeypatch):
     """The int8-activation step computes exactly sum_k W[n,k] * s_a * round(x_k / s_a), one scale s_a = absmax/127
     per activation group: the Python path with its quantized layers' inputs rounded that way gives the same logits
     to fp32 summation order. An input that sits within ~1e-7 of a rounding boundary can round differently in the
@@ -481,8 +483,10 @@ def test_int8_activations_equal_a_python_emulation_of_their_rounding(bits, gs, h
     cascade reaches 6-25% of the logits)."""
     from slimswarm.compress.quant.linear import QuantLinear
 
-    m = _model(hidden=hidden, inter=384 if hidden == 192 else 256, heads=3 if hidden == 192 else 4, kv=1 if hidden == 192 else 2,
-               layers=1)
+    # vocab 99 / 101 (the head's last rows are not a multiple of four) and 130 gate/up rows: after the 4-row blocks
+    # (several rows of x, 4-bit rows of <= 1024 columns) the rest go through the one-row loop
+    m = _model(hidden=hidden, inter=inter or (384 if hidden == 192 else 256), heads=3 if hidden == 192 else 4,
+               kv=1 if hidden == 192 else 2, layers=1, vocab=vocab)
     quantize_model(m, QuantizeConfig(method="rtn", bits=bits, group_size=gs, head_bits=8))
     orig = QuantLinear.forward
 

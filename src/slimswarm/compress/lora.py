@@ -266,7 +266,8 @@ class _Rows:
 
 class MultiLoRALinear(nn.Module):
     """base(x) + per-row ΔW, all adapters side by side: A_cat [slots·R, in], B_cat [out, slots·R] (slot 0 zeros,
-    scaling folded into B).
+    scaling folded into B). B is stored transposed (``Bt_cat`` [slots·R, out], ``B_cat`` is its view): a slot's R
+    rows of it are contiguous, which is what the native decode step streams (one axpy per rank and row).
 
     A batch whose rows share one slot does two thin matmuls (none for slot 0). A mixed batch projects every row onto
     every adapter's A at once, zeroes the slots a row did not ask for, and multiplies by B_cat: two dense matmuls that
@@ -278,7 +279,11 @@ class MultiLoRALinear(nn.Module):
         self.base, self.rows = base, rows
         self.in_features, self.out_features = base.in_features, base.out_features
         self.A_cat = torch.zeros(1, self.in_features)
-        self.B_cat = torch.zeros(self.out_features, 1)
+        self.Bt_cat = torch.zeros(1, self.out_features)
+
+    @property
+    def B_cat(self) -> torch.Tensor:
+        return self.Bt_cat.t()
 
     @property
     def slots(self) -> int:
@@ -294,13 +299,13 @@ class MultiLoRALinear(nn.Module):
         """Rebuild from per-adapter (A, scaled B); None marks an adapter that does not touch this linear."""
         n = len(a_list) + 1
         A = torch.zeros(n * r, self.in_features, device=device)
-        B = torch.zeros(self.out_features, n * r, device=device)
+        Bt = torch.zeros(n * r, self.out_features, device=device)
         for i, (a, b) in enumerate(zip(a_list, b_list), 1):
             if a is not None:
                 k = min(a.shape[0], r)  # ranks above r are zero padding of an older, wider stack
                 A[i * r:i * r + k] = a[:k]
-                B[:, i * r:i * r + k] = b[:, :k]
-        self.A_cat, self.B_cat = A, B
+                Bt[i * r:i * r + k] = b[:, :k].t()
+        self.A_cat, self.Bt_cat = A, Bt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -351,7 +356,7 @@ class AdapterBank:
         return len(self._cfgs)
 
     def nbytes(self) -> int:
-        return sum(w.A_cat.numel() * w.A_cat.element_size() + w.B_cat.numel() * w.B_cat.element_size()
+        return sum(w.A_cat.numel() * w.A_cat.element_size() + w.Bt_cat.numel() * w.Bt_cat.element_size()
                    for w in self._wrapped.values())
 
     def add(self, name: str, path_or_state) -> None:

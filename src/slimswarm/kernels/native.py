@@ -286,12 +286,13 @@ class NativeStep:
                 self.rows_obj = mod.rows
             elif mod.rows is not self.rows_obj:
                 raise Unsupported(f"{name}: adapters from two different adapter banks")
-            a, b = mod.A_cat, mod.B_cat
-            if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[1] != k or b.shape[0] != n:
-                raise Unsupported(f"{name}: adapter stack A {tuple(a.shape)} / B {tuple(b.shape)} for out={n}, in={k}")
-            a, b = a.contiguous(), b.contiguous()
-            keep += [a, b]
-            lin.lora_a, lin.lora_b, lin.lora_ld = _ptr(a), _ptr(b), b.shape[1]
+            a, bt = mod.A_cat, mod.Bt_cat
+            if a.dtype != torch.float32 or bt.dtype != torch.float32 or a.shape[1] != k or bt.shape[1] != n:
+                raise Unsupported(f"{name}: adapter stack A {tuple(a.shape)} / B^T {tuple(bt.shape)} for out={n}, "
+                                  f"in={k}")
+            a, bt = a.contiguous(), bt.contiguous()
+            keep += [a, bt]
+            lin.lora_a, lin.lora_b, lin.lora_ld = _ptr(a), _ptr(bt), bt.shape[1]
         _fill(lin, _weight_of(base, name), n, k, name, keep)
         return mod
 
@@ -380,7 +381,7 @@ def _lin_token(mod) -> tuple:
     d = mod.__dict__
     a = d.get("A_cat")
     if a is not None and "base" in d["_modules"]:  # MultiLoRALinear of an AdapterBank
-        return (id(mod), id(a), id(d.get("B_cat"))) + _lin_token(d["_modules"]["base"])
+        return (id(mod), id(a), id(d.get("Bt_cat"))) + _lin_token(d["_modules"]["base"])
     c = d.get("_cache")
     if isinstance(c, dict):  # QuantLinear: its fp32 scale/zero cache is dropped whenever its state changes
         return (id(mod), id(c.get("fp32")), id(c.get("codes4")))
