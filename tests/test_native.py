@@ -223,6 +223,35 @@ def test_greedy_64_steps_identical_to_python_on_stories260k(stories):
     assert nat == py and all(len(t) == 64 for t in py)
 
 
+def test_greedy_loop_in_one_c_call_equals_the_per_token_loop(stories, monkeypatch):
+    """generate_ids runs greedy rows without stop strings in one C call (ss_decode_greedy): the same tokens, finish
+    reasons and step counts as the Python loop over per-token native steps, with an end-of-sequence id met mid-way,
+    different max_tokens per row, left padding and a row that is done after its first token."""
+    from slimswarm.models import generate as gen
+
+    model, tok = stories.model, stories.tokenizer
+    prompts = [tok.encode(p) for p in ("Once upon a time", "The little dog ran to the", "Lily")]
+    params = [SamplingParams(max_tokens=40), SamplingParams(max_tokens=17), SamplingParams(max_tokens=1)]
+    ref = generate_ids(model, prompts, params)  # only to pick an id the first row produces
+    eos = [ref[0].tokens[9]]  # an id the first row produces at its 10th token: it must stop there
+    calls = []
+    real = native.NativeStep.decode_greedy
+    monkeypatch.setattr(native.NativeStep, "decode_greedy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with monkeypatch.context() as mp:
+        mp.setattr(gen, "_greedy_native_step", lambda *a: None)
+        per_token = generate_ids(model, prompts, params, eos_ids=eos)
+    fused = generate_ids(model, prompts, params, eos_ids=eos)
+    assert len(calls) == 1
+    assert [c.tokens for c in fused] == [c.tokens for c in per_token]
+    assert [c.finish_reason for c in fused] == [c.finish_reason for c in per_token]
+    assert fused[0].timings["decode_steps"] == per_token[0].timings["decode_steps"]
+    assert fused[0].finish_reason == "stop" and eos[0] not in fused[0].tokens[9:] and len(fused[0].tokens) <= 9
+    assert [len(c.tokens) for c in fused[1:]] == [17, 1] and fused[1].finish_reason == "length"
+    with _python_path_one_thread():
+        py = generate_ids(model, prompts, params, eos_ids=eos)
+    assert [c.tokens for c in py] == [c.tokens for c in fused]
+
+
 def test_engine_decode_runs_native_and_matches_python(stories):
     from slimswarm.engine.engine import Engine
 

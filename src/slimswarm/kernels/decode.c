@@ -869,6 +869,62 @@ int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, cons
     return 0;
 }
 
+/* The first index of the largest value (torch.argmax's choice among equal maxima; a NaN counts as the largest). */
+static int64_t argmax_f32(const float *x, int64_t n) {
+    int64_t best = 0;
+    float bv = x[0];
+    if (bv != bv) return 0;
+    for (int64_t i = 1; i < n; i++) {
+        const float v = x[i];
+        if (v != v) return i;
+        if (v > bv) bv = v, best = i;
+    }
+    return best;
+}
+
+/* Greedy decoding of M rows in one call: step i decodes tok[m] at slot[m] + i, and each row's argmax becomes its next
+ * token. A row is done after it produced one of eos[0..n_eos) (not kept) or limit[m] tokens; a done row feeds pad_tok,
+ * as generate_ids does. out[m * steps + i]: row m's i-th new token; count[m]: how many it kept. Stops when every row
+ * is done. Returns the number of decode steps run, or -1 for bad arguments (nothing decoded). The caller's
+ * count[m] and limit[m] say how many tokens a row already has and may have in all (a row with count >= limit is
+ * done before it starts). */
+int64_t ss_decode_greedy(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok0, const int64_t *slot0,
+                         const int64_t *pad, int64_t row0, const int32_t *lslot, float *logits, int nth, int64_t steps,
+                         const int64_t *eos, int64_t n_eos, int64_t pad_tok, const int64_t *limit, int64_t *out,
+                         int64_t *count) {
+    if (M < 1 || M > MAXM || steps < 0) return -1;
+    int64_t tok[MAXM], slot[MAXM];
+    int done[MAXM], live = 0;
+    for (int64_t m = 0; m < M; m++) {
+        tok[m] = tok0[m], slot[m] = slot0[m];
+        done[m] = count[m] >= limit[m];
+        live += !done[m];
+    }
+    int64_t i = 0;
+    for (; i < steps && live; i++) {
+        if (ss_decode(c, md, M, tok, slot, pad, row0, lslot, logits, nth) != 0) return i ? i : -1;
+        for (int64_t m = 0; m < M; m++) {
+            slot[m]++;
+            if (done[m]) {
+                tok[m] = pad_tok;
+                continue;
+            }
+            const int64_t t = argmax_f32(logits + m * md->vocab, md->vocab);
+            int stop = 0;
+            for (int64_t e = 0; e < n_eos; e++) stop |= eos[e] == t;
+            if (stop) {
+                done[m] = 1, live--;
+                tok[m] = pad_tok;
+                continue;
+            }
+            out[m * steps + i] = t;
+            tok[m] = t;
+            if (++count[m] >= limit[m]) done[m] = 1, live--;
+        }
+    }
+    return i;
+}
+
 /* the LoRA term of rows n0..n1 of L for every row m with a slot: y[m, n] += B[n, slot] . (A[slot] x_m) */
 static void lora_add(const ss_ctx *c, const ss_lin *L, const float *x, float *lt, int64_t n0, int64_t n1, float *y,
                      int64_t ys) {

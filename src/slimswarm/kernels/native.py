@@ -104,6 +104,8 @@ def _compile(isa: str) -> ctypes.CDLL:
     lib.ss_ctx_free.argtypes, lib.ss_ctx_free.restype = [P], None
     lib.ss_decode.argtypes = [P, P, I, P, P, P, I, P, P, ctypes.c_int]
     lib.ss_decode.restype = ctypes.c_int
+    lib.ss_decode_greedy.argtypes = [P, P, I, P, P, P, I, P, P, ctypes.c_int, I, P, I, I, P, P, P]
+    lib.ss_decode_greedy.restype = I
     lib.ss_pool_init.argtypes, lib.ss_pool_init.restype = [ctypes.c_int], ctypes.c_int
     lib.ss_pool_threads.argtypes, lib.ss_pool_threads.restype = [], ctypes.c_int
     return lib
@@ -343,15 +345,7 @@ class NativeStep:
         tok = tokens.reshape(-1).to(torch.int64).contiguous()
         sl = slots.reshape(-1).to(torch.int64).contiguous()
         pd = None if pad is None else pad.reshape(-1).to(torch.int64).contiguous()
-        ls = None
-        if self.rows_obj is not None:
-            rows = self.rows_obj
-            if rows.ids is None:
-                ls = None if rows.uniform == 0 else torch.full((m,), int(rows.uniform), dtype=torch.int32)
-            else:
-                if rows.ids.numel() != m:
-                    raise ValueError(f"adapter rows set for {rows.ids.numel()} rows, batch has {m}")
-                ls = rows.ids.to(torch.int32).contiguous()
+        ls = self._lora_slots(m)
         out = torch.empty((m, self.vocab), dtype=torch.float32)
         rc = self.lib.ss_decode(ctx, ctypes.byref(self.model_struct), m, tok.data_ptr(), sl.data_ptr(), _ptr(pd),
                                 row0, _ptr(ls), out.data_ptr(), nth)
@@ -359,6 +353,46 @@ class NativeStep:
             raise ValueError(f"native decode step refused its arguments (rows {row0}..{row0 + m - 1}, slots "
                              f"{sl.tolist()}, cache {self.model_struct.cache_rows}x{self.model_struct.cache_len})")
         return out
+
+    def decode_greedy(self, model, tokens: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor | None, steps: int,
+                      eos: list[int], pad_id: int, counts: list[int], limits: list[int]) -> tuple[int, list[list[int]]]:
+        """Up to ``steps`` greedy decode steps in one C call (kernels/decode.c ss_decode_greedy): rows start from
+        ``tokens`` [M] at cache ``slots`` [M] (rows 0..M-1); a row stops on an ``eos`` id (not kept) or at
+        ``limits[m]`` tokens counting the ``counts[m]`` it has; done rows feed ``pad_id``. Returns (steps run, each
+        row's new tokens); ``counts`` is updated in place."""
+        self._bind_caches(model)
+        m = tokens.shape[0]
+        nth = max(1, torch.get_num_threads())
+        ctx = self._context(nth)
+        tok = tokens.reshape(-1).to(torch.int64).contiguous()
+        sl = slots.reshape(-1).to(torch.int64).contiguous()
+        pd = None if pad is None else pad.reshape(-1).to(torch.int64).contiguous()
+        ls = self._lora_slots(m)
+        ev = torch.tensor(list(eos) or [-1], dtype=torch.int64)
+        lim = torch.tensor(limits, dtype=torch.int64)
+        cnt = torch.tensor(counts, dtype=torch.int64)
+        out = torch.empty((m, max(steps, 1)), dtype=torch.int64)
+        logits = torch.empty((m, self.vocab), dtype=torch.float32)
+        before = cnt.clone()
+        n = self.lib.ss_decode_greedy(ctx, ctypes.byref(self.model_struct), m, tok.data_ptr(), sl.data_ptr(), _ptr(pd),
+                                      0, _ptr(ls), logits.data_ptr(), nth, steps, ev.data_ptr(), len(eos), pad_id,
+                                      lim.data_ptr(), out.data_ptr(), cnt.data_ptr())
+        if n < 0:
+            raise ValueError(f"native decode step refused its arguments (slots {sl.tolist()}, {steps} steps, cache "
+                             f"{self.model_struct.cache_rows}x{self.model_struct.cache_len})")
+        new = (cnt - before).tolist()
+        counts[:] = cnt.tolist()
+        return int(n), [out[i, :k].tolist() for i, k in enumerate(new)]
+
+    def _lora_slots(self, m: int) -> torch.Tensor | None:
+        if self.rows_obj is None:
+            return None
+        rows = self.rows_obj
+        if rows.ids is None:
+            return None if rows.uniform == 0 else torch.full((m,), int(rows.uniform), dtype=torch.int32)
+        if rows.ids.numel() != m:
+            raise ValueError(f"adapter rows set for {rows.ids.numel()} rows, batch has {m}")
+        return rows.ids.to(torch.int32).contiguous()
 
     def __del__(self):
         if getattr(self, "_ctx", None):

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import native
 from .llama import CausalLM
-from .sampling import SamplingParams, sample_next
+from .sampling import GREEDY_BELOW, SamplingParams, sample_next
 from .tokenizer import Tokenizer
 
 
@@ -19,6 +20,16 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (eos or stop string) or "length"
     timings: dict = field(default_factory=dict)
+
+
+def _greedy_native_step(model: CausalLM, plist: list[SamplingParams], tokenizer: Tokenizer | None):
+    """The native step, when every remaining decode step can run inside one C call (greedy rows, no stop strings to
+    check on text, fp32 logits, a batch the step takes); else None."""
+    if len(plist) > native.MAX_M or model.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    if any(p.temperature >= GREEDY_BELOW or (p.stop and tokenizer is not None) for p in plist):
+        return None
+    return native.step_for(model)
 
 
 def _stop_cut(text: str, stops: list[str]) -> int | None:
@@ -84,6 +95,19 @@ def generate_ids(
             if len(out[i]) >= plist[i].max_tokens:
                 done[i] = True
         if all(done):
+            break
+        step = _greedy_native_step(model, plist, tokenizer) if dev.type == "cpu" else None
+        if step is not None:  # every further step in C: decode, argmax, EOS and length checks (no Python per token)
+            limits = [len(out[i]) if done[i] else plist[i].max_tokens for i in range(b)]
+            counts = [len(o) for o in out]
+            n, new = step.decode_greedy(model, torch.tensor(nxt), torch.full((b,), pos), pad,
+                                        max(lim - c for lim, c in zip(limits, counts)), list(eos_ids), pad_id,
+                                        counts, limits)
+            for i in range(b):
+                out[i] += new[i]
+                if not done[i] and len(out[i]) < plist[i].max_tokens:
+                    reason[i] = "stop"  # ended on an end-of-sequence id
+            steps += n
             break
         logits = model(torch.tensor(nxt, device=dev)[:, None], pos, pad, last_only=True)[:, -1]
         pos += 1
