@@ -499,6 +499,30 @@ def _act_widths(gs: int, q4: bool) -> list[int]:
     return [64] * (gs // 64) + ([32] if gs % 64 else [])
 
 
+@pytest.mark.parametrize("gs,hidden,inter", [(64, 128, 256), (96, 192, 384), (32, 128, 224)])
+def test_repacked_4bit_codes_give_the_original_layouts_logits(gs, hidden, inter, monkeypatch):
+    """With int8 activations the step repacks 4-bit codes into 8-row blocks (decode.c q4_i8_rows8): the same
+    integer dots as the nibble-order loop, so the logits agree to fp32 summation order; 224 gate/up rows (28
+    blocks), a 96-wide group uses a 64- and a 32-column activation block. Rows of several positions and adapters
+    are not needed here: the loop is the same for every row of x (M = 1 and 4 are both run)."""
+    m = _model(hidden=hidden, inter=inter, heads=3 if hidden == 192 else 4, kv=1 if hidden == 192 else 2)
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=gs, head_bits=8))
+    native.set_act_int8(m, True)
+    try:
+        step = native.step_for(m)
+        assert step is not None and step.repacked_bytes >= sum(
+            mod.out_features * mod.in_features // 2 for mod in m.model.layers.modules() if hasattr(mod, "codes"))
+        packed = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1])]
+        monkeypatch.setenv("SLIMSWARM_NATIVE_REPACK", "0")
+        native.reset(m)
+        assert native.step_for(m).repacked_bytes == 0
+        plain = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1])]
+    finally:
+        native.set_act_int8(m, False)
+    for a, b in zip(packed, plain):
+        assert (a - b).abs().max().item() <= TOL * max(1.0, b.abs().max().item()), (a - b).abs().max()
+
+
 @pytest.mark.parametrize("bits,gs,hidden,vocab,inter", [(4, 96, 192, 96, 0), (4, -1, 256, 96, 0), (8, -1, 192, 96, 0),
                                                          (8, 64, 128, 96, 0), (4, 16, 128, 96, 0), (4, -1, 128, 99, 130),
                                                          (8, 32, 128, 101, 0)])

@@ -37,6 +37,11 @@ typedef struct {
     const float *bias;            /* [N] or NULL */
     const float *lora_a, *lora_b; /* A [slots*R, K], B transposed [slots*R, N] (scaling folded in) or NULL */
     int64_t lora_ld;              /* the row stride of B^T (N) */
+    /* 4-bit codes repacked for the int8-activation loop (q4_i8_rows8), or NULL: blocks of 8 rows x 8 columns, 32
+     * bytes each, [N/8][K/8][8 rows][4]: byte 4r + j holds column 8b + j (low nibble) and 8b + 4 + j (high) of row
+     * r; scale/zero per 8-row block [N/8][G][8] */
+    const uint8_t *wr;
+    const float *scr, *zpr;
 } ss_lin;
 
 typedef struct {
@@ -293,7 +298,7 @@ static inline int32_t hsum_i32(__m256i v) {
 /* ------------------------------------------------------------------ matmul inputs, prepared once per thread */
 typedef struct {
     const float *x; /* the input this was prepared from (identity check) */
-    int fmt, i8;
+    int fmt, i8, nat; /* nat: 4-bit input in natural column order (the repacked loop), not the nibble order */
     int64_t K, gs, M;
     float *xp;    /* Q4: x permuted so a 32-byte block's low nibbles meet xp[0..32) and high ones xp[32..64) */
     float *xs;    /* [M, G] group sums of x (fp32 path) */
@@ -343,15 +348,17 @@ static void prepare(prep_t *p, const ss_lin *L, const float *x, int64_t M, int i
     const int fmt = L->fmt;
     if (fmt == F_F32 || fmt == F_BF16) return;
     const int use8 = i8 && (fmt == F_Q8 || fmt == F_Q4);
-    if (p->x == x && p->fmt == fmt && p->gs == L->gs && p->K == L->K && p->i8 == use8 && p->M == M) return;
-    p->x = x, p->fmt = fmt, p->gs = L->gs, p->K = L->K, p->i8 = use8, p->M = M;
+    const int nat = use8 && L->wr != NULL;
+    if (p->x == x && p->fmt == fmt && p->gs == L->gs && p->K == L->K && p->i8 == use8 && p->M == M && p->nat == nat)
+        return;
+    p->x = x, p->fmt = fmt, p->gs = L->gs, p->K = L->K, p->i8 = use8, p->M = M, p->nat = nat;
     const int64_t K = L->K, gs = L->gs, G = K / gs;
     p->bpg = act_blocks(gs, fmt == F_Q4);
     p->A = G * p->bpg;
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float *xp = p->xp + m * K;
-        if (fmt == F_Q4)
+        if (fmt == F_Q4 && !nat)
             for (int64_t g = 0; g < G; g++) permute_group(xr + g * gs, xp + g * gs, gs);
         else
             memcpy(xp, xr, sizeof(float) * K);
@@ -592,11 +599,106 @@ static void q_i8_fast_m(const ss_lin *L, const prep_t *p, int64_t M, int64_t n0,
     q_i8_fast(L, p, M, n0, n1, y, ys, add);
 }
 
+/* The int8-activation loop over repacked 4-bit codes (ss_lin.wr), eight weight rows at a time: each 32-byte block
+ * holds 8 rows x 8 columns; its low nibbles meet x's columns c..c+3 and its high nibbles c+4..c+7, each as one
+ * broadcast 4-byte word, so VNNI's per-lane 4-products land one weight row per int32 lane (no horizontal sums,
+ * no input permutation). Every activation block (64 or 32 columns) is summed in int32 and meets its scales once:
+ * one cvt and one fma for 8 rows. Rows n0..n1 are a multiple of 8. */
+static inline __attribute__((always_inline)) void q4_i8_rows8(const ss_lin *L, const prep_t *p, const int64_t M,
+                                                            int64_t n0, int64_t n1, float *y, int64_t ys, int add) {
+    const int64_t K = L->K, gs = L->gs, G = K / gs;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    const float *sxa = p->sxa;
+    const int64_t A = p->A;
+    for (int64_t n = n0; n < n1; n += 8) {
+        const int64_t nb = n / 8;
+        const uint8_t *wq = L->wr + nb * (K / 2) * 8; /* this block: K/8 blocks of 32 bytes */
+        const float *sc = L->scr + nb * G * 8, *zp = L->zpr + nb * G * 8;
+        {
+            const char *pf = (const char *)wq + 4 * K; /* the next 8 rows */
+            for (int64_t o = 0; o < 4 * K; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+        }
+        __m256 acc[MAXM];
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        int64_t a = 0;
+        for (int64_t g = 0; g < G; g++) {
+            const __m256 sw = _mm256_loadu_ps(sc + g * 8);
+            for (int64_t c = 0; c < gs;) {
+                const int64_t w = act_width(gs, 1, c);
+                __m256i d[MAXM];
+                for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
+                for (int64_t j = 0; j < w; j += 8) {
+                    const int64_t col = g * gs + c + j;
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + col * 4));
+                    const __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+                    for (int64_t m = 0; m < M; m++) {
+                        const int8_t *xm = p->xq + m * K + col;
+                        int32_t x0, x1;
+                        memcpy(&x0, xm, 4);
+                        memcpy(&x1, xm + 4, 4);
+                        d[m] = dot_u8s8(d[m], lo, _mm256_set1_epi32(x0));
+                        d[m] = dot_u8s8(d[m], hi, _mm256_set1_epi32(x1));
+                    }
+                }
+                for (int64_t m = 0; m < M; m++)
+                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_mul_ps(sw, _mm256_set1_ps(sxa[m * A + a])),
+                                             acc[m]);
+                a++;
+                c += w;
+            }
+        }
+        const __m256 b8 = L->bias ? _mm256_loadu_ps(L->bias + n) : _mm256_setzero_ps();
+        for (int64_t m = 0; m < M; m++) {
+            __m256 z = _mm256_setzero_ps();
+            const float *xs = p->xqsf + m * G;
+            for (int64_t g = 0; g < G; g++)
+                z = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g * 8), _mm256_loadu_ps(zp + g * 8)),
+                                    _mm256_set1_ps(xs[g]), z);
+            __m256 o = _mm256_add_ps(_mm256_sub_ps(acc[m], z), b8);
+            float *yr = y + m * ys + n;
+            if (add) o = _mm256_add_ps(o, _mm256_loadu_ps(yr));
+            _mm256_storeu_ps(yr, o);
+        }
+    }
+}
+
+static void q4_i8_rows8_m1(const ss_lin *L, const prep_t *p, int64_t n0, int64_t n1, float *y, int64_t ys, int add) {
+    q4_i8_rows8(L, p, 1, n0, n1, y, ys, add);
+}
+
+static void q4_i8_rows8_m(const ss_lin *L, const prep_t *p, int64_t M, int64_t n0, int64_t n1, float *y, int64_t ys,
+                          int add) {
+    q4_i8_rows8(L, p, M, n0, n1, y, ys, add);
+}
+
+/* 4-bit codes [N, K/2] (low nibble: even column) -> the repacked layout of ss_lin.wr; N and K multiples of 8 */
+void ss_repack_q4(const uint8_t *codes, int64_t N, int64_t K, uint8_t *out) {
+    for (int64_t nb = 0; nb < N / 8; nb++)
+        for (int64_t kb = 0; kb < K / 8; kb++) {
+            uint8_t *o = out + (nb * (K / 8) + kb) * 32;
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *row = codes + (nb * 8 + r) * (K / 2);
+                for (int j = 0; j < 4; j++) {
+                    const int64_t c0 = kb * 8 + j, c1 = c0 + 4;
+                    const uint8_t lo = (row[c0 / 2] >> ((c0 & 1) * 4)) & 15, hi = (row[c1 / 2] >> ((c1 & 1) * 4)) & 15;
+                    o[4 * r + j] = (uint8_t)(lo | (hi << 4));
+                }
+            }
+        }
+}
+
 /* y[m, n] (+)= row n of L times prepared input, for n in [n0, n1). ys: row stride of y. */
 static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M, int64_t n0, int64_t n1, float *y,
                      int64_t ys, int add) {
     const int64_t K = L->K;
     const int fmt = L->fmt;
+    if (p->i8 && p->nat && L->wr && fmt == F_Q4) { /* repacked (the step only repacks when gs % 32 == 0, N and K % 8 == 0) */
+        if (M == 1)
+            q4_i8_rows8_m1(L, p, n0, n1, y, ys, add);
+        else
+            q4_i8_rows8_m(L, p, M, n0, n1, y, ys, add);
+        return;
+    }
     if (p->i8 && (fmt == F_Q4 || fmt == F_Q8) && L->gs % 32 == 0) {
         /* Several rows of x: 4-bit rows of up to 512 bytes in blocks of four weight rows, then the rest one by one.
          * Measured (A/B in one process, SmolLM2 w4g128 with int8 activations, 8 rows, one thread): gate/up and q/k/v

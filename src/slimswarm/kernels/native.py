@@ -106,6 +106,7 @@ def _compile(isa: str) -> ctypes.CDLL:
     lib.ss_decode.restype = ctypes.c_int
     lib.ss_decode_greedy.argtypes = [P, P, I, P, P, P, I, P, P, ctypes.c_int, I, P, I, I, P, P, P]
     lib.ss_decode_greedy.restype = I
+    lib.ss_repack_q4.argtypes, lib.ss_repack_q4.restype = [P, I, I, P], None
     lib.ss_pool_init.argtypes, lib.ss_pool_init.restype = [ctypes.c_int], ctypes.c_int
     lib.ss_pool_threads.argtypes, lib.ss_pool_threads.restype = [], ctypes.c_int
     return lib
@@ -131,7 +132,8 @@ class _Lin(ctypes.Structure):
     _fields_ = [("fmt", ctypes.c_int32), ("pad_", ctypes.c_int32), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
                 ("gs", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lora_a", ctypes.c_void_p),
-                ("lora_b", ctypes.c_void_p), ("lora_ld", ctypes.c_int64)]
+                ("lora_b", ctypes.c_void_p), ("lora_ld", ctypes.c_int64), ("wr", ctypes.c_void_p),
+                ("scr", ctypes.c_void_p), ("zpr", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -238,6 +240,9 @@ class NativeStep:
         if m.embed.bias:
             raise Unsupported("model.embed_tokens: an embedding table with a bias")
         self.rows_obj = None
+        # int8 activations read 4-bit codes repacked at build (SLIMSWARM_NATIVE_REPACK=0: the original layout)
+        self._repack = _act_int8(model) and os.environ.get("SLIMSWARM_NATIVE_REPACK", "1") != "0"
+        self.repacked_bytes = 0
         self.loras: list[tuple[_Lin, nn.Module]] = []
         self._head_mod, self._layer_mods = self._fill_linear(m.head, model.lm_head, cfg.vocab_size, h, "lm_head",
                                                              keep), []
@@ -295,8 +300,24 @@ class NativeStep:
             a, bt = a.contiguous(), bt.contiguous()
             keep += [a, bt]
             lin.lora_a, lin.lora_b, lin.lora_ld = _ptr(a), _ptr(bt), bt.shape[1]
-        _fill(lin, _weight_of(base, name), n, k, name, keep)
+        d = _weight_of(base, name)
+        _fill(lin, d, n, k, name, keep)
+        if self._repack and d["fmt"] == "q4" and n % 8 == 0 and k % 8 == 0 and int(d["group_size"]) % 32 == 0:
+            self._repack_q4(lin, d, n, k, keep)
         return mod
+
+    def _repack_q4(self, lin: _Lin, d: dict, n: int, k: int, keep: list) -> None:
+        """A copy of the 4-bit codes in the int8-activation loop's layout (8-row blocks, see ss_lin.wr in decode.c)
+        and its scales/zero points per block: N*K/2 bytes more while int8 activations are on."""
+        codes = d["codes"].contiguous()
+        wr = torch.empty(n * k // 2, dtype=torch.uint8)
+        self.lib.ss_repack_q4(codes.data_ptr(), n, k, wr.data_ptr())
+        g = k // int(d["group_size"])
+        scr = d["scale"].float().reshape(n // 8, 8, g).transpose(1, 2).contiguous()
+        zpr = d["zero"].float().reshape(n // 8, 8, g).transpose(1, 2).contiguous()
+        keep += [wr, scr, zpr]
+        lin.wr, lin.scr, lin.zpr = wr.data_ptr(), scr.data_ptr(), zpr.data_ptr()
+        self.repacked_bytes += wr.numel() + 4 * (scr.numel() + zpr.numel())
 
     # ------------------------------------------------------------------ per call
     def _bind_caches(self, model) -> None:
