@@ -37,14 +37,7 @@ def profiled_library(isa: str) -> ctypes.CDLL:
     cmd = [os.environ.get("CC", "cc"), "-O3", "-DSS_PROFILE", *native.ISA_FLAGS[isa], "-pthread", "-shared", "-fPIC",
            "-Wl,-Bsymbolic", str(native._SRC), "-o", str(so), "-lm"]
     subprocess.run(cmd, check=True)
-    lib = ctypes.CDLL(str(so))
-    P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.ss_ctx_new.argtypes, lib.ss_ctx_new.restype = [P, ctypes.c_int], P
-    lib.ss_ctx_free.argtypes, lib.ss_ctx_free.restype = [P], None
-    lib.ss_decode.argtypes, lib.ss_decode.restype = [P, P, I, P, P, P, I, P, P, ctypes.c_int], ctypes.c_int
-    lib.ss_pool_init.argtypes, lib.ss_pool_init.restype = [ctypes.c_int], ctypes.c_int
-    lib.ss_pool_threads.argtypes, lib.ss_pool_threads.restype = [], ctypes.c_int
-    return lib
+    return native.bind(ctypes.CDLL(str(so)))
 
 
 def linear_bytes(model) -> dict[str, int]:

@@ -98,7 +98,12 @@ def _compile(isa: str) -> ctypes.CDLL:
             os.unlink(tmp)
             raise Unsupported("C compiler failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
         os.replace(tmp, so)  # atomic: a concurrent build never sees half a library
-    lib = ctypes.CDLL(str(so))
+    return bind(ctypes.CDLL(str(so)))
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument and result types of decode.c's entry points on a loaded build (also for the profiled
+    builds of benchmarks/native_profile.py)."""
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.ss_ctx_new.argtypes, lib.ss_ctx_new.restype = [P, ctypes.c_int], P
     lib.ss_ctx_free.argtypes, lib.ss_ctx_free.restype = [P], None
@@ -107,6 +112,8 @@ def _compile(isa: str) -> ctypes.CDLL:
     lib.ss_decode_greedy.argtypes = [P, P, I, P, P, P, I, P, P, ctypes.c_int, I, P, I, I, P, P, P]
     lib.ss_decode_greedy.restype = I
     lib.ss_repack_q4.argtypes, lib.ss_repack_q4.restype = [P, I, I, P], None
+    lib.ss_repack_q8.argtypes, lib.ss_repack_q8.restype = [P, I, I, P], None
+    lib.ss_has_vnni.argtypes, lib.ss_has_vnni.restype = [], ctypes.c_int
     lib.ss_pool_init.argtypes, lib.ss_pool_init.restype = [ctypes.c_int], ctypes.c_int
     lib.ss_pool_threads.argtypes, lib.ss_pool_threads.restype = [], ctypes.c_int
     return lib
@@ -241,7 +248,14 @@ class NativeStep:
             raise Unsupported("model.embed_tokens: an embedding table with a bias")
         self.rows_obj = None
         # int8 activations read 4-bit codes repacked at build (SLIMSWARM_NATIVE_REPACK=0: the original layout)
-        self._repack = _act_int8(model) and os.environ.get("SLIMSWARM_NATIVE_REPACK", "1") != "0"
+        # SLIMSWARM_NATIVE_REPACK: a comma list of q4 (4-bit linears), head (an 8-bit LM head), q8 (every 8-bit
+        # linear; a second copy of a w8 model's weights) — default q4,head; 8-bit codes only with VNNI (AVX2's
+        # maddubs would saturate on the repacked loop's full-range products); the 8-bit loop serves several rows
+        rp = os.environ.get("SLIMSWARM_NATIVE_REPACK", "q4,head")
+        rp = set({"0": "", "1": "q4,head"}.get(rp, rp).split(","))
+        if not self.lib.ss_has_vnni():
+            rp -= {"q8", "head"}
+        self._repack = rp if _act_int8(model) else set()
         self.repacked_bytes = 0
         self.loras: list[tuple[_Lin, nn.Module]] = []
         self._head_mod, self._layer_mods = self._fill_linear(m.head, model.lm_head, cfg.vocab_size, h, "lm_head",
@@ -302,16 +316,18 @@ class NativeStep:
             lin.lora_a, lin.lora_b, lin.lora_ld = _ptr(a), _ptr(bt), bt.shape[1]
         d = _weight_of(base, name)
         _fill(lin, d, n, k, name, keep)
-        if self._repack and d["fmt"] == "q4" and n % 8 == 0 and k % 8 == 0 and int(d["group_size"]) % 32 == 0:
-            self._repack_q4(lin, d, n, k, keep)
+        want = d["fmt"] in self._repack or (d["fmt"] == "q8" and name == "lm_head" and "head" in self._repack)
+        if want and n % 8 == 0 and k % 8 == 0 and int(d["group_size"]) % 32 == 0:
+            self._repack_codes(lin, d, n, k, keep)
         return mod
 
-    def _repack_q4(self, lin: _Lin, d: dict, n: int, k: int, keep: list) -> None:
-        """A copy of the 4-bit codes in the int8-activation loop's layout (8-row blocks, see ss_lin.wr in decode.c)
-        and its scales/zero points per block: N*K/2 bytes more while int8 activations are on."""
+    def _repack_codes(self, lin: _Lin, d: dict, n: int, k: int, keep: list) -> None:
+        """A copy of the 4-/8-bit codes in the int8-activation loops' layout (8-row blocks, see ss_lin.wr in decode.c)
+        and its scales/zero points per block: N*K/2 (N*K) bytes more while int8 activations are on."""
         codes = d["codes"].contiguous()
-        wr = torch.empty(n * k // 2, dtype=torch.uint8)
-        self.lib.ss_repack_q4(codes.data_ptr(), n, k, wr.data_ptr())
+        q4 = d["fmt"] == "q4"
+        wr = torch.empty(n * k // 2 if q4 else n * k, dtype=torch.uint8)
+        (self.lib.ss_repack_q4 if q4 else self.lib.ss_repack_q8)(codes.data_ptr(), n, k, wr.data_ptr())
         g = k // int(d["group_size"])
         scr = d["scale"].float().reshape(n // 8, 8, g).transpose(1, 2).contiguous()
         zpr = d["zero"].float().reshape(n // 8, 8, g).transpose(1, 2).contiguous()
