@@ -6,6 +6,10 @@ import pytest
 import torch
 
 os.environ.setdefault("SLIMSWARM_QUIET", "1")
+# The suite's parity tests (native step == Python path within 1e-4) check the exact mode: fp32 inputs to quantized
+# layers. The product default, int8 inputs, has its own tests (tests/test_native.py: the int8 tests set it per model,
+# test_int8_activations_are_the_default checks the default itself).
+os.environ.setdefault("SLIMSWARM_NATIVE_ACT", "fp32")
 torch.manual_seed(0)
 
 

@@ -223,6 +223,26 @@ def test_greedy_64_steps_identical_to_python_on_stories260k(stories):
     assert nat == py and all(len(t) == 64 for t in py)
 
 
+def test_int8_activations_are_the_default(monkeypatch):
+    m = _model()
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+    monkeypatch.delenv("SLIMSWARM_NATIVE_ACT", raising=False)  # the suite runs with fp32 (tests/conftest.py)
+    native.reset(m)
+    assert native._act_int8(m) and native.step_for(m).model_struct.act_int8 == 1
+    default = _decode(m, PROMPTS)
+    monkeypatch.setenv("SLIMSWARM_NATIVE_ACT", "fp32")
+    native.reset(m)
+    assert not native._act_int8(m) and native.step_for(m).model_struct.act_int8 == 0
+    exact = _decode(m, PROMPTS)
+    native.set_act_int8(m, True)  # the model's own setting wins over the environment
+    try:
+        assert native.step_for(m).model_struct.act_int8 == 1
+        assert torch.equal(_decode(m, PROMPTS), default)
+    finally:
+        native.set_act_int8(m, False)
+    assert 0 < (default - exact).abs().max() <= 0.04 * exact.abs().max()
+
+
 def test_greedy_loop_in_one_c_call_equals_the_per_token_loop(stories, monkeypatch):
     """generate_ids runs greedy rows without stop strings in one C call (ss_decode_greedy): the same tokens, finish
     reasons and step counts as the Python loop over per-token native steps, with an end-of-sequence id met mid-way,

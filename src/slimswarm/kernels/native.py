@@ -482,8 +482,11 @@ def enabled() -> bool:
 
 
 def _act_int8(model) -> bool:
+    """Whether the step quantizes the quantized layers' inputs to int8 (float layers never): ``set_act_int8``, else
+    ``SLIMSWARM_NATIVE_ACT`` (``int8``, the default, as llama.cpp's Q8_0/Q4_0 do; ``fp32``: exact to the Python
+    path, which eval/prefill use)."""
     v = getattr(model, "_native_act_int8", None)
-    return bool(v) if v is not None else os.environ.get("SLIMSWARM_NATIVE_ACT", "fp32") == "int8"
+    return bool(v) if v is not None else os.environ.get("SLIMSWARM_NATIVE_ACT", "int8") != "fp32"
 
 
 def set_act_int8(model, on: bool) -> None:
