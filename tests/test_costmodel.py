@@ -13,15 +13,24 @@ from slimswarm.deploy.planner import prefill_s, service_s, solve
 from test_planner import COST, agent, dev, table, team
 
 BW = 10.0  # GB/s
-TRUE = {"eff": {"float32": 0.8, "bfloat16": 0.7, "int8": 0.4, "int4": 0.2}, "fixed": 1e-4, "per_layer": 5e-5,
+TRUE = {"eff": {"float32": 0.8, "bfloat16": 0.7, "int8": 0.4, "int4": 0.2, "kv": 0.3}, "fixed": 1e-4,
+        "per_layer": 5e-5,
         "pre_layer": 2e-3, "pre_tok": {"float32": 5e-11, "bfloat16": 3e-11, "int8": 6e-11, "int4": 7e-11},
         "dequant": {"int8": 3e-10, "int4": 9e-10}}
 
 
-def _fake_decode(model, steps=16, repeats=3):
+def _fake_decode(model, prompt_len, steps):
     by = bytes_by_format(model)
     n = model.config.num_hidden_layers
-    return TRUE["fixed"] + n * TRUE["per_layer"] + sum(b / (BW * 1e9 * TRUE["eff"][f]) for f, b in by.items())
+    kv = costmodel.kv_read_bytes(model, prompt_len, steps)
+    return (TRUE["fixed"] + n * TRUE["per_layer"] + kv / (BW * 1e9 * TRUE["eff"]["kv"])
+            + sum(b / (BW * 1e9 * TRUE["eff"][f]) for f, b in by.items()))
+
+
+def _fake_interleaved(jobs, rounds=5, steps=32):
+    # round 2 is a slow spell of the machine (every job 3x slower): the medians over the rounds drop it
+    return {k: [_fake_decode(m, n, steps) * (3.0 if r == 1 else 1.0) for r in range(rounds)]
+            for k, (m, n) in jobs.items()}
 
 
 def _fake_prefill_times(model, lengths, repeats):
@@ -35,9 +44,10 @@ def _fake_prefill(model, n):
 
 
 def test_probe_fit_recovers_the_decode_and_prefill_coefficients_it_was_timed_with(monkeypatch):
-    monkeypatch.setattr(costmodel, "seconds_per_token", _fake_decode)
+    monkeypatch.setattr(costmodel, "interleaved_decode_times", _fake_interleaved)
     monkeypatch.setattr(costmodel, "prefill_times", _fake_prefill_times)
-    cost, rows = fit_decode_cost(BW, log=lambda m: None, hidden=576, intermediate=256, layers=2, vocab=512)
+    wide = (("float32", None, 2), ("bfloat16", None, 2), ("int8", "w8", 2), ("int4", "w4g128-rtn", 3))
+    cost, rows = fit_decode_cost(BW, log=lambda m: None, hidden=576, intermediate=256, vocab=512, wide_models=wide)
     assert cost.fixed_s == pytest.approx(TRUE["fixed"], rel=1e-6)
     assert cost.fixed_s_per_layer == pytest.approx(TRUE["per_layer"], rel=1e-6)
     for f, e in TRUE["eff"].items():
@@ -121,3 +131,53 @@ def test_p95_prices_a_neighbours_prefill_not_its_batched_decode():
     # about the same load on the device, but the writer's is decode, the reader's prefill
     assert got["writer"][1] == pytest.approx(got["reader"][1], rel=0.05)
     assert got["writer"][0] < 0.2 * got["reader"][0]  # 2.9 s against 38.5 s here
+
+
+def test_probe_rows_keep_every_rounds_timing_and_fit_the_median(monkeypatch):
+    monkeypatch.setattr(costmodel, "interleaved_decode_times", _fake_interleaved)
+    monkeypatch.setattr(costmodel, "prefill_times", _fake_prefill_times)
+    wide = (("float32", None, 2), ("int8", "w8", 2))
+    _, rows = fit_decode_cost(BW, log=lambda m: None, hidden=576, intermediate=256, vocab=512, wide_models=wide,
+                              rounds=5)
+    byname = {r["probe"]: r for r in rows}
+    assert set(byname) == {"narrow-2-layers", "narrow-8-layers", "wide-float32", "wide-int8", "wide-int8-long"}
+    for r in rows:
+        runs = r["seconds_per_token_runs"]
+        assert len(runs) == 5 and r["seconds_per_token"] == sorted(runs)[2]  # the median, not the slow round
+        assert max(runs) == pytest.approx(3 * r["seconds_per_token"])
+    # attention's price comes from the int8 model decoded after a long prompt: more KV read, the same weights
+    assert byname["wide-int8-long"]["kv_read_bytes"] > byname["wide-int8"]["kv_read_bytes"]
+    assert byname["wide-int8-long"]["bytes_by_format"] == byname["wide-int8"]["bytes_by_format"]
+
+
+def test_the_probes_int4_model_has_the_real_smollm2_w4g128_layout(smollm2):
+    """The int4 efficiency is fitted on a random model; its 4-bit linears must have the group sizes the real
+    checkpoint uses (96 where 128 does not divide 576, 128 on down_proj's 1536 inputs) and its tied head int8 rows,
+    so that each tensor is priced in the format and layout it really has."""
+    import copy
+
+    from slimswarm.compress.quant.apply import quantize_model
+    from slimswarm.compress.quant.linear import QuantEmbedding, QuantLinear
+    from slimswarm.compress.recipe import load_recipe
+
+    fmt, recipe, layers = next(w for w in costmodel.WIDE if w[0] == "int4")
+    cfg = smollm2.model.config
+    assert layers == cfg.num_hidden_layers
+    probe = costmodel.random_model(cfg.hidden_size, layers, cfg.intermediate_size, cfg.vocab_size,
+                                   heads=cfg.num_attention_heads, kv=cfg.num_key_value_heads)
+    real = copy.deepcopy(smollm2.model)
+    for m in (probe, real):
+        quantize_model(m, load_recipe(recipe).quantize)
+
+    def layout(m):
+        return {n: (type(x).__name__, x.bits, x.group_size, x.in_features, x.out_features)
+                for n, x in m.named_modules() if isinstance(x, QuantLinear)}
+
+    lp, lr = layout(probe), layout(real)
+    assert lp == lr
+    groups = {(k[1], k[2], k[3]) for k in lr.values()}
+    assert (4, 96, 576) in groups and (4, 128, 1536) in groups
+    assert isinstance(real.model.embed_tokens, QuantEmbedding) and isinstance(probe.model.embed_tokens, QuantEmbedding)
+    assert bytes_by_format(probe) == bytes_by_format(real)
+    assert set(bytes_by_format(real)) == {"int4", "int8", "float32"}  # the head is priced as int8, not int4
+    assert bytes_by_format(real)["int8"] > cfg.vocab_size * cfg.hidden_size  # the 49152 x 576 table, 1 byte a code
