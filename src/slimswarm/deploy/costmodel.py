@@ -1,6 +1,7 @@
-"""deploy/: the cost model (decode: bytes read per token by weight format / (bandwidth × efficiency) + fixed cost per
-layer, through the native step as served; prefill: a per-call de-quantization of quantized layers + a per-token
-matmul cost) and its fit on this machine with random-weight models, as `devices probe` runs it."""
+"""deploy/: the cost model (decode: bytes read per token by weight format / (bandwidth × efficiency) + the KV read at
+attention's efficiency + fixed cost per layer, a generate step through the native step as served; prefill: a per-call
+de-quantization of quantized layers + a per-token matmul cost) and its fit on this machine with random-weight models
+timed round-robin, as `devices probe` runs it."""
 
 from __future__ import annotations
 
@@ -257,16 +258,21 @@ def solve_decode_fit(bandwidth_gb_s: float, narrow: dict[int, dict], wide: list[
 # The 4-bit loop with float activations is compute-bound, so its efficiency is a property of this group mix (the
 # native profile: groups of 128 on 1536-wide rows stream ~20% faster than groups of 96 on 576-wide ones).
 WIDE = (("float32", None, 8), ("bfloat16", None, 8), ("int8", "w8", 8), ("int4", "w4g128-rtn", 30))
-KV_PROMPTS = (8, 224)  # the int8 model decoded after a short and a long prompt: attention's price per KV byte
+# Attention's price per KV byte: a model with SmolLM2's attention (9 query heads, 3 kv heads of 64) in 30 layers but
+# a tiny MLP and vocabulary, int8 weights (~26 MB), decoded after a short and a long prompt: at 480 positions its
+# float32 KV cache (22 MB a step) is about half the step, so the difference is well above the timing noise.
+ATTENTION_MODEL = {"layers": 30, "intermediate": 64, "vocab": 256, "recipe": "w8"}
+KV_PROMPTS = (8, 480)
 
 
 def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, intermediate: int = 1536,
                     vocab: int = 49152, runtime_bytes: int = 0, wide_models=WIDE, rounds: int = 5,
-                    steps: int = 32) -> tuple[DecodeCost, list[dict]]:
+                    steps: int = 32, prefill_layers: int = 8, attention: bool = True) -> tuple[DecodeCost, list[dict]]:
     """Fit the cost model here: two narrow random models (2 and 8 layers, few bytes) give the fixed cost per
     layer and per token; SmolLM2-wide ones in float32, bfloat16, int8 and int4 (``wide_models``) give each format's
     efficiency and its prefill line (a call's cost: float dispatch, or de-quantization for int8/int4; and a token's);
-    the int8 one decoded again after a long prompt gives attention's price per KV byte. Decode is timed through
+    a model that is mostly attention (``ATTENTION_MODEL``), decoded after a short and a long prompt, gives
+    attention's price per KV byte. Decode is timed through
     ``generate`` (which takes the native step when it is on, exactly as the engine does; the rows say which path
     ran), every model ``rounds`` times round-robin, and the medians are fitted (the rows keep every timing)."""
     from ..compress.quant.apply import quantize_model
@@ -281,28 +287,40 @@ def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, interme
     pre_fixed_layer = 0.0
     gfl = None
     for fmt, recipe, layers in wide_models:
-        m = random_model(hidden, layers, intermediate, vocab)
-        if fmt == "bfloat16":
-            m = m.to(torch.bfloat16)
-        if recipe:
-            quantize_model(m, load_recipe(recipe).quantize)
-        gc.collect()
-        lin = linear_params_by_format(m)
-        call_s, tok_s = fit_prefill_line(m)
+        def build(n):
+            m = random_model(hidden, n, intermediate, vocab)
+            if fmt == "bfloat16":
+                m = m.to(torch.bfloat16)
+            if recipe:
+                quantize_model(m, load_recipe(recipe).quantize)
+            gc.collect()
+            return m
+
+        # Prefill is fitted at one depth for every format (the float model's per-call cost, its head's last
+        # position included, is spread over its layers, and the quantized ones' de-quantization is what is left);
+        # decode at the format's own depth.
+        pm = build(prefill_layers)
+        lin = linear_params_by_format(pm)
+        call_s, tok_s = fit_prefill_line(pm)
         pre_tok[fmt] = tok_s / lin[fmt]
         if fmt == "float32":
-            gfl = 2.0 * m.num_parameters() / max(tok_s, 1e-12) / 1e9
-            pre_fixed_layer = call_s / layers  # dispatch and the last position's head, spread over the layers
+            gfl = 2.0 * pm.num_parameters() / max(tok_s, 1e-12) / 1e9
+            pre_fixed_layer = call_s / prefill_layers  # dispatch and the last position's head, spread over the layers
         elif fmt in ("int8", "int4"):
-            dequant[fmt] = max(0.0, call_s - layers * pre_fixed_layer) / lin[fmt]
+            dequant[fmt] = max(0.0, call_s - prefill_layers * pre_fixed_layer) / lin[fmt]
+        m = pm if layers == prefill_layers else build(layers)
+        del pm
         models[f"wide-{fmt}"] = (m, KV_PROMPTS[0])
-        rows.append({"probe": f"wide-{fmt}", "layers": layers, "prefill_call_s": call_s, "prefill_token_s": tok_s,
-                     "linear_params": lin[fmt]})
-        log(f"  SmolLM2-wide random model, {layers} layers, {fmt}: prefill {call_s * 1e3:.0f} ms a call + "
-            f"{tok_s * 1e3:.2f} ms a token")
-    kv_fmt = "int8" if "wide-int8" in models else None
-    if kv_fmt:
-        models[f"wide-{kv_fmt}-long"] = (models[f"wide-{kv_fmt}"][0], KV_PROMPTS[1])
+        rows.append({"probe": f"wide-{fmt}", "layers": layers, "prefill_layers": prefill_layers,
+                     "prefill_call_s": call_s, "prefill_token_s": tok_s, "linear_params": lin[fmt]})
+        log(f"  SmolLM2-wide random model, {fmt}: prefill ({prefill_layers} layers) {call_s * 1e3:.0f} ms a call + "
+            f"{tok_s * 1e3:.2f} ms a token; decode timed at {layers} layers")
+    if attention:
+        a = ATTENTION_MODEL
+        am = random_model(hidden, a["layers"], a["intermediate"], a["vocab"])
+        quantize_model(am, load_recipe(a["recipe"]).quantize)
+        models["attention-short"] = (am, KV_PROMPTS[0])
+        models["attention-long"] = (am, KV_PROMPTS[1])
     log(f"  decode: {len(models)} timings x {rounds} rounds, round-robin, {steps} tokens each ...")
     times = interleaved_decode_times(models, rounds, steps)
     timed: dict[str, dict] = {}
@@ -321,7 +339,7 @@ def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, interme
             f"{min(ts) * 1e3:.2f}..{max(ts) * 1e3:.2f} over {len(ts)} rounds")
     narrow = {timed[k]["layers"]: timed[k] for k in timed if k.startswith("narrow-")}
     wide = [timed[f"wide-{f}"] for f, _, _ in wide_models]
-    kv = (timed[f"wide-{kv_fmt}"], timed[f"wide-{kv_fmt}-long"]) if kv_fmt else None
+    kv = (timed["attention-short"], timed["attention-long"]) if attention else None
     fixed, per_layer, eff = solve_decode_fit(bandwidth_gb_s, narrow, wide, kv)
     for r in rows:
         f = r["probe"].removeprefix("wide-")
