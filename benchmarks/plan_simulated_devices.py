@@ -71,8 +71,8 @@ def device_main(plan_path: str, device: str, team_path: str, seconds: float, see
             rows = sum(specs[x["agent"]].concurrency for x in mine
                        if (specs[x["agent"]].base, x["variant"]) == key)
             ctx = max(specs[x["agent"]].context for x in mine if (specs[x["agent"]].base, x["variant"]) == key)
-            # no prefix cache: the prompts are random ids (never a hit) and the planner does not count its bytes
-            e = Engine(m.model, m.tokenizer, max_batch=rows, max_len=ctx, prefix_cache_bytes=0)
+            # the prefix cache the planner counted (the sim team sets 0: its prompts are random ids, never a hit)
+            e = Engine(m.model, m.tokenizer, max_batch=rows, max_len=ctx, prefix_cache_bytes=team.prefix_cache_bytes)
             e.eos = set()  # every request decodes exactly max_tokens: the size the planner priced
             engines[key] = e.start()
     lat: dict[str, list[float]] = {a["agent"]: [] for a in mine}
