@@ -172,7 +172,7 @@ def main() -> None:
     from slimswarm.deploy.planner import load_team, solve
     from slimswarm.deploy.plan_command import plan_rows, write_plan
     from slimswarm.deploy.report import memory_bar_plot
-    from slimswarm.evaluate.report import markdown_table
+    from slimswarm.evaluate.report import markdown_table, write_keeping_notes
 
     team, tables = load_team(args.team)
     devices = load_devices(RESULTS / "devices_simulated.yaml")
@@ -258,7 +258,7 @@ def main() -> None:
           "meas_alone_p50_s: the median latency of the requests that overlapped no other request on their device; "
           "meas_mean_wait_s: queue wait before the prefill began.\n",
           f"All budgets met: {ok}; all devices within memory: {mem_ok}.\n"]
-    (RESULTS / "plan_simulated_devices.md").write_text("\n".join(md))
+    write_keeping_notes(RESULTS / "plan_simulated_devices.md", "\n".join(md))
     print(markdown_table(rows))
     print(markdown_table(split_rows))
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from slimswarm.deploy.devices import write_yaml_atomic  # noqa: E402
 from slimswarm.deploy.report import variants_rows  # noqa: E402
 from slimswarm.deploy.variants import add_layout, load_variants, write_variants  # noqa: E402
-from slimswarm.evaluate.report import markdown_table  # noqa: E402
+from slimswarm.evaluate.report import markdown_table, write_keeping_notes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 FIT_ON = "fp32"
@@ -144,7 +144,7 @@ def main():
         markdown_table(rows), "",
         f"Decode tok/s within 20% for every variant: {ok_speed}. Peak memory within 20% for every variant not used "
         f"in the fit: {ok_mem}.", ""])
-    (RESULTS / "plan_variants_smollm2.md").write_text(text)
+    write_keeping_notes(RESULTS / "plan_variants_smollm2.md", text)
     print(text)
     # two simulated devices carved out of this machine, for benchmarks/plan_simulated_devices.py
     sim = []

@@ -61,3 +61,15 @@ def test_fresh_processes_report_generates_prefill_and_decode(tmp_path, stories):
     assert min(me.decode_tokens_per_s_runs) <= me.decode_tokens_per_s <= max(me.decode_tokens_per_s_runs)
     assert me.prefill_s > 0 and len(me.prefill_s_runs) == 2
     assert me.peak_rss_bytes > 0 and me.context == 64 and me.new_tokens == 16
+
+
+def test_a_regenerated_results_page_keeps_its_hand_written_notes(tmp_path):
+    from slimswarm.evaluate.report import write_keeping_notes
+
+    p = tmp_path / "r.md"
+    write_keeping_notes(p, "# table v1\n")
+    assert p.read_text() == "# table v1\n"
+    p.write_text(p.read_text() + "\n## Notes (written by hand; regenerated above)\n\n- a reading\n")
+    write_keeping_notes(p, "# table v2\n| a |\n")
+    assert p.read_text() == "# table v2\n| a |\n\n## Notes (written by hand; regenerated above)\n\n- a reading\n"
+    assert not list(tmp_path.glob(".*tmp"))
