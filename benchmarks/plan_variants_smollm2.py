@@ -96,7 +96,8 @@ def main():
                           "probe --threads 1): measured on this machine, not a spec sheet.\n")
 
     for v in t.variants:
-        if v.linear_params_by_format is None and v.checkpoint and Path(v.checkpoint).exists():
+        missing = v.linear_params_by_format is None or v.groups_by_format is None
+        if missing and v.checkpoint and Path(v.checkpoint).exists():
             add_layout(v, load(v.checkpoint).model)
     if args.machine:
         from slimswarm.deploy.devices import load_devices
@@ -129,7 +130,9 @@ def main():
         f"Commands: see the docstring of `benchmarks/plan_variants_smollm2.py`; table: `{path.relative_to(ROOT)}`.\n",
         f"Machine `{m.name}`: {m.bandwidth_gb_s} GB/s read bandwidth (1 thread), cost fit on random-weight models: "
         + ", ".join(f"{k} efficiency {x:.2f}" for k, x in c.efficiency.items())
-        + f" (kv: attention per KV byte read); fixed {c.fixed_s * 1e3:.2f} ms + {c.fixed_s_per_layer * 1e3:.3f} ms/layer a token; runtime "
+        + f" (kv: attention per KV byte read); "
+        + ", ".join(f"{k} {x * 1e9:.2f} ns a (row, group) pair" for k, x in c.group_s.items())
+        + f"; fixed {c.fixed_s * 1e3:.2f} ms + {c.fixed_s_per_layer * 1e3:.3f} ms/layer a token; runtime "
         f"{c.runtime_bytes / 2**20:.0f} MiB; load transient {c.load_overhead_bytes / 2**20:.0f} MiB (fitted on "
         f"{FIT_ON} only).\n",
         f"Quality: perplexity on the first {t.tokens} tokens of {Path(t.text).name} (512-token windows), KL to fp32 "

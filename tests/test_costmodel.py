@@ -14,7 +14,7 @@ from test_planner import COST, agent, dev, table, team
 
 BW = 10.0  # GB/s
 TRUE = {"eff": {"float32": 0.8, "bfloat16": 0.7, "int8": 0.4, "int4": 0.2, "kv": 0.3}, "fixed": 1e-4,
-        "per_layer": 5e-5,
+        "per_layer": 5e-5, "group": {"int8": 2e-9, "int4": 6e-9},
         "pre_layer": 2e-3, "pre_tok": {"float32": 5e-11, "bfloat16": 3e-11, "int8": 6e-11, "int4": 7e-11},
         "dequant": {"int8": 3e-10, "int4": 9e-10}}
 
@@ -23,8 +23,10 @@ def _fake_decode(model, prompt_len, steps):
     by = bytes_by_format(model)
     n = model.config.num_hidden_layers
     kv = costmodel.kv_read_bytes(model, prompt_len, steps)
+    groups = costmodel.groups_by_format(model)
     return (TRUE["fixed"] + n * TRUE["per_layer"] + kv / (BW * 1e9 * TRUE["eff"]["kv"])
-            + sum(b / (BW * 1e9 * TRUE["eff"][f]) for f, b in by.items()))
+            + sum(b / (BW * 1e9 * TRUE["eff"][f]) for f, b in by.items())
+            + sum(g * TRUE["group"][f] for f, g in groups.items()))
 
 
 def _fake_interleaved(jobs, rounds=5, steps=32):
@@ -47,12 +49,15 @@ def test_probe_fit_recovers_the_decode_and_prefill_coefficients_it_was_timed_wit
     monkeypatch.setattr(costmodel, "interleaved_decode_times", _fake_interleaved)
     monkeypatch.setattr(costmodel, "prefill_times", _fake_prefill_times)
     wide = (("float32", None, 2), ("bfloat16", None, 2), ("int8", "w8", 2), ("int4", "w4g128-rtn", 3))
+    grouped = (("int8", "w8", 2, 32), ("int4", "w4g128-rtn", 3, 32))
     cost, rows = fit_decode_cost(BW, log=lambda m: None, hidden=576, intermediate=256, vocab=512, wide_models=wide,
-                                 prefill_layers=2)
+                                 prefill_layers=2, grouped_models=grouped)
     assert cost.fixed_s == pytest.approx(TRUE["fixed"], rel=1e-6)
     assert cost.fixed_s_per_layer == pytest.approx(TRUE["per_layer"], rel=1e-6)
     for f, e in TRUE["eff"].items():
         assert cost.efficiency[f] == pytest.approx(e, rel=1e-6), f
+    for f, c in TRUE["group"].items():  # the small-group models split each format's time: bytes and groups
+        assert cost.group_s[f] == pytest.approx(c, rel=1e-6), f
     assert cost.prefill_fixed_s_per_layer == pytest.approx(TRUE["pre_layer"], rel=1e-6)
     for f, s in TRUE["pre_tok"].items():
         assert cost.prefill_s_per_param_token[f] == pytest.approx(s, rel=1e-6), f
@@ -61,6 +66,16 @@ def test_probe_fit_recovers_the_decode_and_prefill_coefficients_it_was_timed_wit
     assert set(cost.dequant_s_per_param) == {"int8", "int4"}  # float layers de-quantize nothing
     # the rows say which decode step was timed (the native one wherever it runs, as generate and the engine do)
     assert {r["decode_path"] for r in rows} <= {"native", "python"}
+    # a layout it never timed (4-bit codes in groups of 64 on every linear, 5 layers) is priced by its own bytes and
+    # groups: the same figure as the timing model gives it
+    from slimswarm.compress.quant.apply import quantize_model
+    from slimswarm.compress.recipe import load_recipe
+
+    g64 = costmodel.random_model(576, 5, 256, 512)
+    quantize_model(g64, load_recipe("w4g128-rtn").quantize.model_copy(update={"group_size": 64}))
+    kv = costmodel.kv_read_bytes(g64, 100, 32)
+    pred = costmodel.decode_seconds_per_token(cost, bytes_by_format(g64), 5, BW, kv, costmodel.groups_by_format(g64))
+    assert pred == pytest.approx(_fake_decode(g64, 100, 32), rel=1e-6)
     # fitted on 2 layers, it predicts the same fake timing of a model 4x deeper (the per-layer split is right)
     deep = costmodel.random_model(576, 8, 256, 512)
     lin = linear_params_by_format(deep)
@@ -139,7 +154,7 @@ def test_probe_rows_keep_every_rounds_timing_and_fit_the_median(monkeypatch):
     monkeypatch.setattr(costmodel, "prefill_times", _fake_prefill_times)
     wide = (("float32", None, 2), ("int8", "w8", 2))
     _, rows = fit_decode_cost(BW, log=lambda m: None, hidden=576, intermediate=256, vocab=512, wide_models=wide,
-                              rounds=5)
+                              rounds=5, grouped_models=())
     byname = {r["probe"]: r for r in rows}
     assert set(byname) == {"narrow-2-layers", "narrow-8-layers", "wide-float32", "wide-int8", "attention-short",
                            "attention-long"}

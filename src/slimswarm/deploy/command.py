@@ -35,6 +35,7 @@ def cmd_devices_probe(args) -> int:
     if dev.cost:
         c = dev.cost
         print("decode cost: " + ", ".join(f"{k} efficiency {v:.2f}" for k, v in c.efficiency.items())
+              + "".join(f", {k} {v * 1e9:.2f} ns a group" for k, v in c.group_s.items())
               + f"; fixed {c.fixed_s * 1e3:.2f} ms + {c.fixed_s_per_layer * 1e3:.3f} ms/layer a token; "
               f"prefill {c.prefill_gflops:.1f} GFLOP/s (float32), de-quantization a call "
               + ", ".join(f"{k} {v * 1e9:.2f} ns/param" for k, v in c.dequant_s_per_param.items())

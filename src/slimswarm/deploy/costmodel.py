@@ -52,16 +52,35 @@ def bytes_by_format(model) -> dict[str, int]:
     return out
 
 
+def groups_by_format(model) -> dict[str, int]:
+    """(row, group) pairs the quantized matmuls of one decode step run over, by format (the decoder layers and the
+    LM head; the embedding lookup reads one row). The native loops pay a fixed cost a group (a horizontal sum, a
+    scale and a zero-point term), which is why small groups run slower than their bytes say."""
+    from ..compress.quant.linear import QuantLinear
+
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for mod in [*model.model.layers.modules(), model.lm_head]:
+        if isinstance(mod, QuantLinear) and id(mod) not in seen:
+            seen.add(id(mod))
+            f = weight_format(mod)
+            out[f] = out.get(f, 0) + mod.out_features * (mod.in_features // mod.group_size)
+    return out
+
+
 def decode_seconds_per_token(cost: DecodeCost, by_format: dict[str, int], layers: int, bandwidth_gb_s: float,
-                             kv_read_bytes: int = 0) -> float:
-    """One batch-1 decode step: every weight byte read at its format's efficiency, the KV cache read so far
-    (``kv_read_bytes``: attention, at the fitted ``kv`` efficiency; float32's in profiles fitted before it existed),
-    plus the fixed per-token and per-layer costs."""
+                             kv_read_bytes: int = 0, groups_by_format: dict[str, int] | None = None) -> float:
+    """One batch-1 decode step: every weight byte read at its format's efficiency, each quantized matmul's
+    (row, group) pairs at the format's fitted cost a group (``groups_by_format``; none given: none priced), the KV
+    cache read so far (``kv_read_bytes``: attention, at the fitted ``kv`` efficiency; float32's in profiles fitted
+    before it existed), plus the fixed per-token and per-layer costs."""
     t = cost.fixed_s + layers * cost.fixed_s_per_layer
     t += kv_read_bytes / (bandwidth_gb_s * 1e9 * kv_efficiency(cost.efficiency))
     for fmt, b in by_format.items():
         eff = cost.efficiency.get(fmt, cost.efficiency.get("float32", 0.5))
         t += b / (bandwidth_gb_s * 1e9 * eff)
+    for fmt, g in (groups_by_format or {}).items():
+        t += g * cost.group_s.get(fmt, 0.0)
     return t
 
 
@@ -216,39 +235,67 @@ def kv_read_bytes(model, prompt_len: int, steps: int) -> int:
 
 def solve_decode_fit(bandwidth_gb_s: float, narrow: dict[int, dict], wide: list[dict], kv: tuple[dict, dict] | None,
                      rounds: int = 8):
-    """(fixed_s, fixed_s_per_layer, efficiency) from timed models; each timing is a dict: ``by`` (weight bytes by
-    format), ``layers``, ``kv`` (KV bytes a step reads), ``t`` (seconds a step). ``narrow``: layers -> timing of two
-    narrow models, whose few bytes are mostly fixed cost; ``wide``: timings of wide models with ``fmt`` set, in fitting
-    order; ``kv``: one model timed at a short and a long context (the difference is attention: the ``kv`` efficiency).
-    Bytes are taken off at the efficiencies of the previous round, so the split is exact when the timings follow the
-    model."""
+    """(fixed_s, fixed_s_per_layer, efficiency, group_s) from timed models; each timing is a dict: ``by`` (weight bytes
+    by format), ``groups`` ((row, group) pairs by format), ``layers``, ``kv`` (KV bytes a step reads), ``t`` (seconds
+    a step). ``narrow``: layers -> timing of two narrow models, whose few bytes are mostly fixed cost; ``wide``: timings
+    of wide models with ``fmt`` set, in fitting order: one per format gives its efficiency; two of one format with
+    different group counts split its time into a part per byte and a part per group; ``kv``: one model timed at a
+    short and a long context (the difference is attention: the ``kv`` efficiency). Other parts are taken off at the
+    figures of the previous round, so the split is exact when the timings follow the model."""
     (n0, a0), (n1, a1) = sorted(narrow.items())
+    bw = bandwidth_gb_s * 1e9
     eff: dict[str, float] = {}
+    gs: dict[str, float] = {}
     if kv is not None:
         short, long = kv
         dt = long["t"] - short["t"]
         if dt > 0 and long["kv"] > short["kv"]:
-            eff["kv"] = min(1.5, max(0.01, (long["kv"] - short["kv"]) / (bandwidth_gb_s * 1e9 * dt)))
+            eff["kv"] = min(1.5, max(0.01, (long["kv"] - short["kv"]) / (bw * dt)))
 
-    def read_s(tm: dict, e: dict) -> float:
-        s = tm["kv"] / (bandwidth_gb_s * 1e9 * e.get("kv", e.get("float32", 1e9)))
-        return s + sum(b / (bandwidth_gb_s * 1e9 * e.get(f, e.get("float32", 1e9))) for f, b in tm["by"].items())
+    def other_s(tm: dict, e: dict, g: dict, skip: str | None = None) -> float:
+        s = tm["kv"] / (bw * e.get("kv", e.get("float32", 1e9)))
+        s += sum(b / (bw * e.get(f, e.get("float32", 1e9))) for f, b in tm["by"].items() if f != skip)
+        return s + sum(n * g.get(f, 0.0) for f, n in tm.get("groups", {}).items() if f != skip)
 
+    by_fmt: dict[str, list[dict]] = {}
+    for tm in wide:
+        by_fmt.setdefault(tm["fmt"], []).append(tm)
     for _ in range(rounds):
-        c0, c1 = a0["t"] - read_s(a0, eff), a1["t"] - read_s(a1, eff)
+        c0, c1 = a0["t"] - other_s(a0, eff, gs), a1["t"] - other_s(a1, eff, gs)
         per_layer = max(0.0, (c1 - c0) / (n1 - n0))
         fixed = max(0.0, c0 - n0 * per_layer)
         new: dict[str, float] = {k: v for k, v in eff.items() if k == "kv"}
-        for tm in wide:
-            fmt = tm["fmt"]
-            mem_t = max(tm["t"] - fixed - tm["layers"] * per_layer, 1e-9)
-            # Each format's efficiency is fitted on its own bytes; the other parts (norms, the int8 head of the
-            # int4 model, the KV reads) are taken at the efficiency their format has so far.
-            cur = {**eff, **new}
-            rest = read_s({"by": {f: b for f, b in tm["by"].items() if f != fmt}, "kv": tm["kv"]}, cur)
-            new[fmt] = min(1.5, tm["by"][fmt] / (bandwidth_gb_s * 1e9 * max(mem_t - rest, 1e-9)))
-        eff = new
-    return fixed, per_layer, eff
+        new_g: dict[str, float] = {}
+        for fmt, tms in by_fmt.items():
+            # this format's own time in each model: the rest (norms, the int8 head of the int4 model, the KV reads)
+            # at the figures its formats have so far
+            cur, cur_g = {**eff, **new}, {**gs, **new_g}
+            pts = [(tm["by"][fmt], tm.get("groups", {}).get(fmt, 0),
+                    max(tm["t"] - fixed - tm["layers"] * per_layer - other_s(tm, cur, cur_g, fmt), 1e-9)) for tm in tms]
+            u, c = _per_byte_and_group(pts)
+            new[fmt] = min(1.5, 1 / (bw * u))
+            if c:
+                new_g[fmt] = c
+        eff, gs = new, new_g
+    return fixed, per_layer, eff, gs
+
+
+def _per_byte_and_group(pts: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """(seconds a byte, seconds a group) through points (bytes, groups, seconds): least squares when the group counts
+    differ (clamped at no negative part), else all of it a byte."""
+    if len(pts) >= 2 and len({g for _, g, _ in pts}) > 1:
+        sbb = sum(b * b for b, _, _ in pts)
+        sbg = sum(b * g for b, g, _ in pts)
+        sgg = sum(g * g for _, g, _ in pts)
+        sbt = sum(b * t for b, _, t in pts)
+        sgt = sum(g * t for _, g, t in pts)
+        det = sbb * sgg - sbg * sbg
+        if det > 0:
+            u = (sbt * sgg - sgt * sbg) / det
+            c = (sbb * sgt - sbg * sbt) / det
+            if u > 0 and c >= 0:
+                return u, c
+    return sum(t for _, _, t in pts) / sum(b for b, _, _ in pts), 0.0
 
 
 # The models the probe times: (format, recipe, layers). The int4 one has SmolLM2-135M's depth and so its layout:
@@ -258,6 +305,9 @@ def solve_decode_fit(bandwidth_gb_s: float, narrow: dict[int, dict], wide: list[
 # The 4-bit loop with float activations is compute-bound, so its efficiency is a property of this group mix (the
 # native profile: groups of 128 on 1536-wide rows stream ~20% faster than groups of 96 on 576-wide ones).
 WIDE = (("float32", None, 8), ("bfloat16", None, 8), ("int8", "w8", 8), ("int4", "w4g128-rtn", 30))
+# The same int8 and int4 models again with groups of 32 (5-12x the groups): each format's cost a group, so that a
+# recipe with other group sizes (w4g64, the 8-bit copies of 5/6-bit codes in groups of 64) is priced by its own.
+GROUPED = (("int8", "w8", 8, 32), ("int4", "w4g128-rtn", 30, 32))
 # Attention's price per KV byte: a model with SmolLM2's attention (9 query heads, 3 kv heads of 64) in 30 layers but
 # a tiny MLP and vocabulary, int8 weights (~26 MB), decoded after a short and a long prompt: at 480 positions its
 # float32 KV cache (22 MB a step) is about half the step, so the difference is well above the timing noise.
@@ -267,11 +317,13 @@ KV_PROMPTS = (8, 480)
 
 def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, intermediate: int = 1536,
                     vocab: int = 49152, runtime_bytes: int = 0, wide_models=WIDE, rounds: int = 5,
-                    steps: int = 32, prefill_layers: int = 8, attention: bool = True) -> tuple[DecodeCost, list[dict]]:
+                    steps: int = 32, prefill_layers: int = 8, attention: bool = True,
+                    grouped_models=GROUPED) -> tuple[DecodeCost, list[dict]]:
     """Fit the cost model here: two narrow random models (2 and 8 layers, few bytes) give the fixed cost per
     layer and per token; SmolLM2-wide ones in float32, bfloat16, int8 and int4 (``wide_models``) give each format's
     efficiency and its prefill line (a call's cost: float dispatch, or de-quantization for int8/int4; and a token's);
-    a model that is mostly attention (``ATTENTION_MODEL``), decoded after a short and a long prompt, gives
+    the int8 and int4 ones again in small groups (``grouped_models``) split those formats' time into a part a byte
+    and a part a (row, group) pair; a model that is mostly attention (``ATTENTION_MODEL``), decoded after a short and a long prompt, gives
     attention's price per KV byte. Decode is timed through
     ``generate`` (which takes the native step when it is on, exactly as the engine does; the rows say which path
     ran), every model ``rounds`` times round-robin, and the medians are fitted (the rows keep every timing)."""
@@ -315,6 +367,11 @@ def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, interme
                      "prefill_call_s": call_s, "prefill_token_s": tok_s, "linear_params": lin[fmt]})
         log(f"  SmolLM2-wide random model, {fmt}: prefill ({prefill_layers} layers) {call_s * 1e3:.0f} ms a call + "
             f"{tok_s * 1e3:.2f} ms a token; decode timed at {layers} layers")
+    for fmt, recipe, layers, g in grouped_models:
+        m = random_model(hidden, layers, intermediate, vocab)
+        quantize_model(m, load_recipe(recipe).quantize.model_copy(update={"group_size": g}))
+        gc.collect()
+        models[f"wide-{fmt}-g{g}"] = (m, KV_PROMPTS[0])
     if attention:
         a = ATTENTION_MODEL
         am = random_model(hidden, a["layers"], a["intermediate"], a["vocab"])
@@ -326,30 +383,35 @@ def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, interme
     timed: dict[str, dict] = {}
     for key, (m, n) in models.items():
         ts = times[key]
-        timed[key] = {"by": bytes_by_format(m), "layers": m.config.num_hidden_layers, "kv": kv_read_bytes(m, n, steps),
-                      "t": statistics.median(ts), "fmt": key.removeprefix("wide-")}
+        timed[key] = {"by": bytes_by_format(m), "groups": groups_by_format(m), "layers": m.config.num_hidden_layers,
+                      "kv": kv_read_bytes(m, n, steps), "t": statistics.median(ts),
+                      "fmt": key.removeprefix("wide-").split("-g")[0]}
         row = next((r for r in rows if r["probe"] == key), None)
         if row is None:
             row = {"probe": key, "layers": m.config.num_hidden_layers}
             rows.append(row)
         row.update(prompt_tokens=n, bytes_per_token=sum(timed[key]["by"].values()), bytes_by_format=timed[key]["by"],
+                   groups_by_format=timed[key]["groups"],
                    kv_read_bytes=timed[key]["kv"], seconds_per_token=timed[key]["t"], seconds_per_token_runs=ts,
                    spread_pct=round(100 * (max(ts) - min(ts)) / timed[key]["t"], 1), decode_path=decode_path(m))
         log(f"  {key} (prompt {n}): {row['decode_path']} decode {timed[key]['t'] * 1e3:.2f} ms/token median, "
             f"{min(ts) * 1e3:.2f}..{max(ts) * 1e3:.2f} over {len(ts)} rounds")
     narrow = {timed[k]["layers"]: timed[k] for k in timed if k.startswith("narrow-")}
     wide = [timed[f"wide-{f}"] for f, _, _ in wide_models]
+    wide += [timed[f"wide-{f}-g{g}"] for f, _, _, g in grouped_models]
     kv = (timed["attention-short"], timed["attention-long"]) if attention else None
-    fixed, per_layer, eff = solve_decode_fit(bandwidth_gb_s, narrow, wide, kv)
+    fixed, per_layer, eff, group_s = solve_decode_fit(bandwidth_gb_s, narrow, wide, kv)
     for r in rows:
         f = r["probe"].removeprefix("wide-")
         if f in eff:
             r["efficiency"] = eff[f]
     if "kv" in eff:
         log(f"  attention: {eff['kv']:.2f} of the read bandwidth per KV byte")
+    for f, c in group_s.items():
+        log(f"  {f}: {c * 1e9:.2f} ns a (row, group) pair beside efficiency {eff[f]:.2f}")
     del models
     gc.collect()
     cost = DecodeCost(efficiency=eff, fixed_s_per_layer=per_layer, fixed_s=fixed, prefill_gflops=gfl,
                       prefill_fixed_s_per_layer=pre_fixed_layer, prefill_s_per_param_token=pre_tok,
-                      dequant_s_per_param=dequant, runtime_bytes=runtime_bytes)
+                      dequant_s_per_param=dequant, runtime_bytes=runtime_bytes, group_s=group_s)
     return cost, rows

@@ -152,7 +152,9 @@ def decode_s(v: Variant, dev: Device, table: VariantsTable, layer_share: float =
     cost, bw, scale = device_cost(dev, table)
     mem = decode_seconds_per_token(cost.model_copy(update={"fixed_s": 0, "fixed_s_per_layer": 0}),
                                    v.bytes_by_format, v.layers, bw, v.kv_bytes_per_token * context)
+    # fixed and per-group costs are compute: scaled with the other overheads on a device that was never probed
     fixed = cost.fixed_s + v.layers * cost.fixed_s_per_layer
+    fixed += sum(n * cost.group_s.get(f, 0.0) for f, n in (v.groups_by_format or {}).items())
     return layer_share * (mem + fixed / scale)
 
 

@@ -20,7 +20,8 @@ def variants_rows(table: VariantsTable) -> list[dict]:
     for v in table.variants:
         me = v.measured
         ctx = (me.context - me.new_tokens // 2) if me else 0  # the KV a measured decode step reads, on average
-        t = decode_seconds_per_token(m.cost, v.bytes_by_format, v.layers, m.bandwidth_gb_s, v.kv_bytes_per_token * ctx)
+        t = decode_seconds_per_token(m.cost, v.bytes_by_format, v.layers, m.bandwidth_gb_s, v.kv_bytes_per_token * ctx,
+                                     v.groups_by_format)
         r = {"variant": v.name, "weight_MB": round(v.weight_bytes / 1e6, 1), "read_MB_per_token":
              round(v.bytes_per_token / 1e6, 1), "ppl": round(v.perplexity, 3) if v.perplexity else None,
              "delta_ppl_%": round(100 * v.delta_ppl, 2) if v.delta_ppl is not None else None,

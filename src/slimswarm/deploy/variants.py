@@ -43,6 +43,7 @@ class Variant(BaseModel):
     layers: int = Field(gt=0)
     weight_bytes: int = Field(gt=0)
     bytes_by_format: dict[str, int]  # weight bytes one decode step reads, by format
+    groups_by_format: dict[str, int] | None = None  # (row, group) pairs of its quantized matmuls a step, by format
     kv_bytes_per_token: int = Field(gt=0)  # K and V of one token across all layers
     hidden_size: int | None = None
     linear_params_by_format: dict[str, int] | None = None  # decoder linears' parameters by format (prefill cost)
@@ -204,13 +205,15 @@ def describe(model, name: str, recipe: str | None) -> Variant:
 
 
 def add_layout(v: Variant, model) -> Variant:
-    """Per-layer, embedding and head bytes: what a pipeline split needs."""
+    """Per-layer, embedding and head bytes (what a pipeline split needs), the decoder linears' parameters by format
+    (prefill) and the quantized matmuls' groups by format (decode)."""
     from ..evaluate.size import weight_bytes
 
-    from .costmodel import linear_params_by_format
+    from .costmodel import groups_by_format, linear_params_by_format
 
     v.hidden_size = model.config.hidden_size
     v.linear_params_by_format = linear_params_by_format(model)
+    v.groups_by_format = groups_by_format(model)
     v.layer_bytes = [weight_bytes(layer) for layer in model.model.layers]
     v.embed_bytes = weight_bytes(model.model.embed_tokens) or weight_bytes(model.lm_head)  # tied: the head's table
     v.head_bytes = weight_bytes(model.lm_head) + weight_bytes(model.model.norm)
