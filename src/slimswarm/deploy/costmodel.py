@@ -302,8 +302,8 @@ def _per_byte_and_group(pts: list[tuple[int, int, float]]) -> tuple[float, float
 # 4-bit decoder linears in groups of 96 (576 = 6 x 96; 128 does not divide it) and 128 (down_proj's 1536 inputs),
 # beside the int8 tied embedding/head (49152 x 576) that ``head_bits: 8`` keeps. At 8 layers that head was 2/3 of the
 # model's bytes and the int4 figure came out of a small difference; at 30 layers the 4-bit codes are 2/3 of them.
-# The 4-bit loop with float activations is compute-bound, so its efficiency is a property of this group mix (the
-# native profile: groups of 128 on 1536-wide rows stream ~20% faster than groups of 96 on 576-wide ones).
+# The 4-bit loop with float activations is compute-bound: besides its bytes it pays a fixed cost a group (a
+# horizontal sum and the scale/zero terms), which GROUPED fits, so a layout other than this mix is priced too.
 WIDE = (("float32", None, 8), ("bfloat16", None, 8), ("int8", "w8", 8), ("int4", "w4g128-rtn", 30))
 # The same int8 and int4 models again with groups of 32 (5-12x the groups): each format's cost a group, so that a
 # recipe with other group sizes (w4g64, the 8-bit copies of 5/6-bit codes in groups of 64) is priced by its own.
@@ -323,10 +323,10 @@ def fit_decode_cost(bandwidth_gb_s: float, log=print, hidden: int = 576, interme
     layer and per token; SmolLM2-wide ones in float32, bfloat16, int8 and int4 (``wide_models``) give each format's
     efficiency and its prefill line (a call's cost: float dispatch, or de-quantization for int8/int4; and a token's);
     the int8 and int4 ones again in small groups (``grouped_models``) split those formats' time into a part a byte
-    and a part a (row, group) pair; a model that is mostly attention (``ATTENTION_MODEL``), decoded after a short and a long prompt, gives
-    attention's price per KV byte. Decode is timed through
-    ``generate`` (which takes the native step when it is on, exactly as the engine does; the rows say which path
-    ran), every model ``rounds`` times round-robin, and the medians are fitted (the rows keep every timing)."""
+    and a part a (row, group) pair; a model that is mostly attention (``ATTENTION_MODEL``), decoded after a short and
+    a long prompt, gives attention's price per KV byte. Decode is timed through ``generate`` (which takes the native
+    step when it is on, exactly as the engine does; the rows say which path ran), every model ``rounds`` times
+    round-robin, and the medians are fitted (the rows keep every timing)."""
     from ..compress.quant.apply import quantize_model
     from ..compress.recipe import load_recipe
 

@@ -508,8 +508,8 @@ def _why_no_candidate(a: AgentSpec, t: VariantsTable, devices: DeviceSet, prefix
     need = small.weight_bytes + prefix_cache_bytes + a.adapter_bytes + kv_bytes(a, small) + runtime_bytes(big, t)
     pc = f" + prefix cache {prefix_cache_bytes}" if prefix_cache_bytes else ""
     return (f"agent {a.name}: fits on no device: its smallest allowed variant {small.name} needs {need} bytes "
-            f"(weights + adapter + KV for {a.concurrency}x{a.context}{pc} + runtime) and the largest device, {big.name}, "
-            f"has {big.usable_bytes} (short by {need - big.usable_bytes} bytes"
+            f"(weights + adapter + KV for {a.concurrency}x{a.context}{pc} + runtime) and the largest device, "
+            f"{big.name}, has {big.usable_bytes} (short by {need - big.usable_bytes} bytes"
             + ("" if len(devices.devices) > 1 else "; no second device to split it over") + ")")
 
 

@@ -34,7 +34,8 @@ def variants_rows(table: VariantsTable) -> list[dict]:
             err = 100 * (1 / t / me.decode_tokens_per_s - 1)
             r.update(meas_tok_s=round(me.decode_tokens_per_s, 2))
             if me.decode_tokens_per_s_runs:  # the median of several fresh processes: their spread beside it
-                r.update(processes=len(me.decode_tokens_per_s_runs), meas_tok_s_range=_range(me.decode_tokens_per_s_runs))
+                runs = me.decode_tokens_per_s_runs
+                r.update(processes=len(runs), meas_tok_s_range=_range(runs))
             r.update(tok_s_err_pct=round(err, 1), tok_s_within_20=abs(err) <= 20, decode_path=me.decode_path,
                      pred_peak_MiB=round(pk / 2**20), meas_peak_MiB=round(me.peak_rss_bytes / 2**20),
                      peak_err_pct=round(100 * (pk / me.peak_rss_bytes - 1), 1),
