@@ -81,15 +81,17 @@ def fp32_choice(team, tables, devices):
         order = [t.get("fp32")] + sorted((v for v in t.variants if v.name != "fp32"),
                                          key=lambda v: v.delta_ppl or 0)
         for v in order:
-            need = v.weight_bytes + a.adapter_bytes + kv_bytes(a, v)
+            held = v.weight_bytes + team.prefix_cache_bytes  # one engine per agent here: its own prefix cache
+            need = held + a.adapter_bytes + kv_bytes(a, v)
             d = max(free, key=lambda n: free[n] - (runtime_bytes(by[n], t) if free[n] == by[n].usable_bytes else 0))
             extra = runtime_bytes(by[d], t) if free[d] == by[d].usable_bytes else 0
             if need + extra <= free[d]:
                 free[d] -= need + extra
                 s = service_s(a, v, by[d], t)
-                out[a.name] = Candidate(a.name, v.name, f"{a.base}:{v.name}[{a.name}]", [(d, v.weight_bytes)],
+                out[a.name] = Candidate(a.name, v.name, f"{a.base}:{v.name}[{a.name}]", [(d, held)],
                                         {d: a.adapter_bytes + kv_bytes(a, v)}, s, {d: s},
-                                        stage_pre={d: prefill_s(v, by[d], t, a.prompt_tokens)})
+                                        stage_pre={d: prefill_s(v, by[d], t, a.prompt_tokens)},
+                                        prefix_cache_bytes=team.prefix_cache_bytes)
                 break
         else:
             raise SystemExit(f"fp32-where-it-fits: agent {a.name} fits nowhere")

@@ -71,8 +71,8 @@ def device_main(plan_path: str, device: str, team_path: str, seconds: float, see
             rows = sum(specs[x["agent"]].concurrency for x in mine
                        if (specs[x["agent"]].base, x["variant"]) == key)
             ctx = max(specs[x["agent"]].context for x in mine if (specs[x["agent"]].base, x["variant"]) == key)
-            # no prefix cache: the prompts are random ids (never a hit) and the planner does not count its bytes
-            e = Engine(m.model, m.tokenizer, max_batch=rows, max_len=ctx, prefix_cache_bytes=0)
+            # the prefix cache the planner counted (the sim team sets 0: its prompts are random ids, never a hit)
+            e = Engine(m.model, m.tokenizer, max_batch=rows, max_len=ctx, prefix_cache_bytes=team.prefix_cache_bytes)
             e.eos = set()  # every request decodes exactly max_tokens: the size the planner priced
             engines[key] = e.start()
     lat: dict[str, list[float]] = {a["agent"]: [] for a in mine}
@@ -172,7 +172,7 @@ def main() -> None:
     from slimswarm.deploy.planner import load_team, solve
     from slimswarm.deploy.plan_command import plan_rows, write_plan
     from slimswarm.deploy.report import memory_bar_plot
-    from slimswarm.evaluate.report import markdown_table
+    from slimswarm.evaluate.report import markdown_table, write_keeping_notes
 
     team, tables = load_team(args.team)
     devices = load_devices(RESULTS / "devices_simulated.yaml")
@@ -258,7 +258,7 @@ def main() -> None:
           "meas_alone_p50_s: the median latency of the requests that overlapped no other request on their device; "
           "meas_mean_wait_s: queue wait before the prefill began.\n",
           f"All budgets met: {ok}; all devices within memory: {mem_ok}.\n"]
-    (RESULTS / "plan_simulated_devices.md").write_text("\n".join(md))
+    write_keeping_notes(RESULTS / "plan_simulated_devices.md", "\n".join(md))
     print(markdown_table(rows))
     print(markdown_table(split_rows))
 

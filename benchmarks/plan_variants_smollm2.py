@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from slimswarm.deploy.devices import write_yaml_atomic  # noqa: E402
 from slimswarm.deploy.report import variants_rows  # noqa: E402
 from slimswarm.deploy.variants import add_layout, load_variants, write_variants  # noqa: E402
-from slimswarm.evaluate.report import markdown_table  # noqa: E402
+from slimswarm.evaluate.report import markdown_table, write_keeping_notes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 FIT_ON = "fp32"
@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--remeasure", action="store_true",
                     help="probe again, then re-measure every variant's speed and peak back to back, so the fit and "
                          "the measurements see the same state of this shared machine")
+    ap.add_argument("--processes", type=int, default=3,
+                    help="--remeasure: fresh processes per variant, round-robin over the variants (medians reported)")
     ap.add_argument("--machine", help="take the cost fit from this probed profile instead of the table's")
     ap.add_argument("--checkpoints", default="out/variants",
                     help="where the variants' checkpoints are (built there first when missing: ~7 min on 2 cores)")
@@ -58,6 +60,7 @@ def main():
         v.checkpoint = str(Path(args.checkpoints) / v.name)
     ensure_checkpoints(t, args.checkpoints, log=lambda m: print(m, flush=True))
     loads = {}
+    probe_rows = None
 
     first_pass = {v.name: v.measured.model_dump() for v in t.variants if v.measured}
     prev = RESULTS / "plan_variants_smollm2.json"
@@ -65,7 +68,7 @@ def main():
         first_pass = json.loads(prev.read_text()).get("first_pass_measurements", first_pass)
     if args.remeasure:
         from slimswarm.deploy.probe import probe_device
-        from slimswarm.deploy.variants import measure_in_subprocess
+        from slimswarm.deploy.variants import measure_round_robin
 
         import os
         import time
@@ -76,11 +79,12 @@ def main():
         loads["probe_end"] = os.getloadavg()
         print(f"probe: {time.perf_counter() - t0:.0f} s", flush=True)
         loads["measure_start"] = os.getloadavg()
-        for k, v in enumerate(t.variants, 1):
-            v.measured = measure_in_subprocess(v.checkpoint, threads=1)
-            print(f"[{k}/{len(t.variants)}] {v.name}: {v.measured.decode_tokens_per_s:.1f} tok/s "
-                  f"({v.measured.decode_path} step), prefill {v.measured.prefill_s:.2f} s, "
-                  f"{v.measured.peak_rss_bytes / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+        t0 = time.perf_counter()
+        measured = measure_round_robin({v.name: v.checkpoint for v in t.variants}, args.processes, threads=1,
+                                       log=lambda m: print(m, flush=True))
+        for v in t.variants:
+            v.measured = measured[v.name]
+        print(f"measurements: {time.perf_counter() - t0:.0f} s", flush=True)
         loads["measure_end"] = os.getloadavg()
         # the same 1 GiB read as the probe's, after the measurements: did the machine change under them?
         from slimswarm.evaluate.speed import measure_bandwidth
@@ -92,7 +96,8 @@ def main():
                           "probe --threads 1): measured on this machine, not a spec sheet.\n")
 
     for v in t.variants:
-        if v.linear_params_by_format is None and v.checkpoint and Path(v.checkpoint).exists():
+        missing = v.linear_params_by_format is None or v.groups_by_format is None
+        if missing and v.checkpoint and Path(v.checkpoint).exists():
             add_layout(v, load(v.checkpoint).model)
     if args.machine:
         from slimswarm.deploy.devices import load_devices
@@ -112,9 +117,12 @@ def main():
     cmd = "python benchmarks/plan_variants_smollm2.py " + " ".join(sys.argv[1:])
     if not loads and prev.exists():
         loads = json.loads(prev.read_text()).get("load_average", {})
+    if probe_rows is None and prev.exists():
+        probe_rows = json.loads(prev.read_text()).get("probe_rows")
     (RESULTS / "plan_variants_smollm2.json").write_text(json.dumps({"command": cmd, "rows": rows,
                                                                      "load_average": loads,
                                                                      "first_pass_measurements": first_pass,
+                                                                     "probe_rows": probe_rows,
                                                                      "machine": t.machine.model_dump()}, indent=1))
     m = t.machine
     text = "\n".join([
@@ -122,20 +130,24 @@ def main():
         f"Commands: see the docstring of `benchmarks/plan_variants_smollm2.py`; table: `{path.relative_to(ROOT)}`.\n",
         f"Machine `{m.name}`: {m.bandwidth_gb_s} GB/s read bandwidth (1 thread), cost fit on random-weight models: "
         + ", ".join(f"{k} efficiency {x:.2f}" for k, x in c.efficiency.items())
+        + f" (kv: attention per KV byte read); "
+        + ", ".join(f"{k} {x * 1e9:.2f} ns a (row, group) pair" for k, x in c.group_s.items())
         + f"; fixed {c.fixed_s * 1e3:.2f} ms + {c.fixed_s_per_layer * 1e3:.3f} ms/layer a token; runtime "
         f"{c.runtime_bytes / 2**20:.0f} MiB; load transient {c.load_overhead_bytes / 2**20:.0f} MiB (fitted on "
         f"{FIT_ON} only).\n",
         f"Quality: perplexity on the first {t.tokens} tokens of {Path(t.text).name} (512-token windows), KL to fp32 "
         "on 2,048 tokens, SST-2 accuracy by label scoring on 64 test items (from the table's first build). Speed: "
         "batch-1 decode of 32 tokens after a 224-token prompt through `generate` (the native C step: column "
-        "decode_path), then one prefill forward of the 224-token prompt, one torch thread, a fresh process per "
-        "variant (peak = VmHWM, taken before the prefill timing). The VM is shared with other jobs (load averages "
-        "below): speeds are noisy.\n",
+        "decode_path), one torch thread, three generates a process (speed: their median; prefill: the median of their "
+        "224-token prefills; peak = VmHWM), each variant in several fresh processes round-robin over the variants "
+        "(column processes; the table's figure is their median, meas_tok_s_range their spread). The probe times "
+        "its random models round-robin too (medians of 5 rounds; rows in the JSON). Load averages below: on a "
+        "shared VM speeds are noisy.\n",
         _load_line(loads, m.bandwidth_gb_s),
         markdown_table(rows), "",
         f"Decode tok/s within 20% for every variant: {ok_speed}. Peak memory within 20% for every variant not used "
         f"in the fit: {ok_mem}.", ""])
-    (RESULTS / "plan_variants_smollm2.md").write_text(text)
+    write_keeping_notes(RESULTS / "plan_variants_smollm2.md", text)
     print(text)
     # two simulated devices carved out of this machine, for benchmarks/plan_simulated_devices.py
     sim = []

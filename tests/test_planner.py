@@ -39,8 +39,9 @@ def agent(name, **kw):
     return AgentSpec(name=name, base="smollm2-135m", **kw)
 
 
-def team(*agents):
-    return TeamPlacement(name="t", variants={"smollm2-135m": "unused.yaml"}, agents=list(agents))
+def team(*agents, prefix_cache_bytes=0):  # 0: most tests here are about the other parts of the memory model
+    return TeamPlacement(name="t", variants={"smollm2-135m": "unused.yaml"}, agents=list(agents),
+                         prefix_cache_bytes=prefix_cache_bytes)
 
 
 def test_int4_chosen_where_fp32_does_not_fit_and_fp32_kept_where_quality_needs_it():
@@ -151,3 +152,37 @@ def test_randomized_instances_match_brute_force(seed):
             assert total_bytes(plan) == ref[0][0]
         else:
             assert len(plan.device_bytes) == ref[0][0]
+
+
+def test_each_loaded_base_counts_its_engines_prefix_cache_once():
+    from slimswarm.deploy.planner import team_hash
+    from slimswarm.engine.engine import PREFIX_CACHE_BYTES, Engine
+    import inspect
+
+    assert inspect.signature(Engine).parameters["prefix_cache_bytes"].default == PREFIX_CACHE_BYTES
+    t = {"smollm2-135m": table()}
+    kv = 46_080 * 256
+    a, b = (agent(n, max_delta_ppl=0.0, adapter_bytes="2MB", context=256) for n in "ab")
+    # 750 MB: fp32, both agents and a 100 MiB cache fit (721 MB); the engine's default budget (268 MB) does not
+    tm = team(a, b, prefix_cache_bytes="100MiB")
+    plan = solve(tm, t, DeviceSet(devices=[dev("box", 750)]), "bytes")
+    parts = plan.device_bytes["box"]
+    assert parts["smollm2-135m:fp32"] == 538 * MB and parts["smollm2-135m:fp32 prefix cache"] == 100 * 2**20
+    assert sum(parts.values()) == 538 * MB + 100 * 2**20 + 50 * MB + 2 * (2 * MB + kv)  # one cache: one engine
+    default = TeamPlacement(name="t", variants={"smollm2-135m": "unused.yaml"}, agents=[a, b])
+    assert default.prefix_cache_bytes == PREFIX_CACHE_BYTES
+    with pytest.raises(Infeasible, match=r"prefix cache 268435456 \+ runtime\) .* box, has 750000000"):
+        solve(default, t, DeviceSet(devices=[dev("box", 750)]), "bytes")
+    # two bases on one device are two engines: two caches
+    two = team(agent("a", variants=["fp32"], context=256), agent("b", variants=["w8"], context=256),
+               prefix_cache_bytes="10MiB")
+    parts = solve(two, t, DeviceSet(devices=[dev("box", 2000)]), "bytes").device_bytes["box"]
+    assert parts["smollm2-135m:fp32 prefix cache"] == parts["smollm2-135m:w8 prefix cache"] == 10 * 2**20
+    # a team that leaves the field at its default keeps the hash it had before the field existed
+    d = default.model_dump()
+    del d["prefix_cache_bytes"]
+    import hashlib
+    import json
+
+    assert team_hash(default) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert team_hash(tm) != team_hash(team(a, b, prefix_cache_bytes="50MiB"))

@@ -35,6 +35,7 @@ def cmd_devices_probe(args) -> int:
     if dev.cost:
         c = dev.cost
         print("decode cost: " + ", ".join(f"{k} efficiency {v:.2f}" for k, v in c.efficiency.items())
+              + "".join(f", {k} {v * 1e9:.2f} ns a group" for k, v in c.group_s.items())
               + f"; fixed {c.fixed_s * 1e3:.2f} ms + {c.fixed_s_per_layer * 1e3:.3f} ms/layer a token; "
               f"prefill {c.prefill_gflops:.1f} GFLOP/s (float32), de-quantization a call "
               + ", ".join(f"{k} {v * 1e9:.2f} ns/param" for k, v in c.dequant_s_per_param.items())
@@ -50,6 +51,8 @@ def _measure(args) -> int:
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
         raise SlimswarmError("--recipes: give at least one recipe (fp32 is the base itself)")
+    if args.processes < 1:
+        raise SlimswarmError(f"--processes must be at least 1, got {args.processes}")
     if args.tokens < 2 * args.window:
         raise SlimswarmError(f"--tokens must be at least two windows ({2 * args.window}), got {args.tokens}")
     from ..compress.recipe import load_recipe
@@ -67,7 +70,8 @@ def _measure(args) -> int:
         machine, _ = probe_device(None, None, args.threads, log=_log)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     table = measure_variants(args.base, recipes, args.checkpoints, machine, tokens=args.tokens, window=args.window,
-                             kl_tokens=min(args.tokens, 2048), task_items=args.task_items, tasks=tasks, log=_log)
+                             kl_tokens=min(args.tokens, 2048), task_items=args.task_items, tasks=tasks, log=_log,
+                             processes=args.processes)
     out = write_variants(table, args.variants, "slimswarm " + " ".join(sys.argv[1:]))
     from .report import variants_rows
     from ..evaluate.report import markdown_table
@@ -110,6 +114,8 @@ def add_deploy_parsers(sub) -> None:
     pl.add_argument("--recipes", default="fp32,w8,w4g128-rtn,w4g128-gptq", help="--measure: comma-separated")
     pl.add_argument("--machine", help="--measure: this machine's probed profile (default: probe now)")
     pl.add_argument("--threads", type=int, default=1, help="--measure: torch threads for the speed runs")
+    pl.add_argument("--processes", type=int, default=3,
+                    help="--measure: fresh processes per variant for speed and peak memory (round-robin; medians)")
     pl.add_argument("--tokens", type=int, default=4096, help="--measure: perplexity tokens")
     pl.add_argument("--window", type=int, default=512)
     pl.add_argument("--task-items", type=int, default=64, help="--measure: test items per task (label scoring)")

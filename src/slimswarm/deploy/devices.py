@@ -47,19 +47,24 @@ class Accelerator(_Strict):
 
 
 class DecodeCost(_Strict):
-    """Per-token decode time t = bytes_per_token / (bandwidth × efficiency[format]) + layers × fixed_s_per_layer
-    + fixed_s (the native decode step). A prefill call of n tokens costs layers × prefill_fixed_s_per_layer
+    """Per-token decode time t = Σ_format bytes / (bandwidth × efficiency[format]) + Σ_format (row, group) pairs ×
+    group_s[format] + KV bytes read / (bandwidth × efficiency["kv"]) + layers × fixed_s_per_layer + fixed_s (a
+    generate step through the native decode step; "kv" prices attention, float32's efficiency standing in where a
+    profile has none). A prefill call of n tokens costs layers × prefill_fixed_s_per_layer
     + Σ_format params × (dequant_s_per_param + n × prefill_s_per_param_token): a quantized layer de-quantizes its
     whole weight once per call, then multiplies in float. Without the per-format figures (profiles written before
     they existed) prefill is 2 × params / (prefill_gflops × 10^9) seconds a token. Fitted by `devices probe`."""
 
-    efficiency: dict[str, float]  # by weight format: float32, bfloat16, int8, int4
+    efficiency: dict[str, float]  # by weight format: float32, bfloat16, int8, int4; and kv (attention)
     fixed_s_per_layer: float = Field(ge=0)
     fixed_s: float = Field(ge=0)
     prefill_gflops: float = Field(gt=0)
     prefill_fixed_s_per_layer: float = Field(default=0.0, ge=0)
     prefill_s_per_param_token: dict[str, float] = Field(default_factory=dict)  # by format, seconds / (param·token)
     dequant_s_per_param: dict[str, float] = Field(default_factory=dict)  # by format, seconds / param, once a call
+    # by format: seconds a (row, group) pair of a decode step's quantized matmul costs beside its bytes (the loops'
+    # per-group sum and scale); absent in profiles fitted before it, whose efficiencies then hold it
+    group_s: dict[str, float] = Field(default_factory=dict)
     runtime_bytes: int = Field(ge=0)  # resident bytes of a serving process before any model (Python, torch)
     load_overhead_bytes: int = Field(default=0, ge=0)  # transient bytes above weights while a checkpoint loads
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..engine.engine import PREFIX_CACHE_BYTES
 from ..errors import SlimswarmError
 from .costmodel import decode_seconds_per_token, prefill_call_seconds
 from .devices import Device, DeviceSet, _pydantic_line, parse_bytes, read_yaml
@@ -66,10 +67,18 @@ class TeamPlacement(_Strict):
     name: str = Field(min_length=1)
     variants: dict[str, str]  # base -> variants table (path, relative to the team file)
     agents: list[AgentSpec] = Field(min_length=1)
+    # the byte budget of each engine's shared-prefix KV cache: a base loaded on a device is one engine, which may
+    # fill this much beside its weights (the engine's default unless the team sets it; 0 turns the cache off)
+    prefix_cache_bytes: int = Field(default=PREFIX_CACHE_BYTES, ge=0)
+
+    _bytes = field_validator("prefix_cache_bytes", mode="before")(parse_bytes)
 
 
 def team_hash(team: TeamPlacement) -> str:
-    return hashlib.sha256(json.dumps(team.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+    d = team.model_dump()
+    if d["prefix_cache_bytes"] == PREFIX_CACHE_BYTES:  # the default: the hash of a team written before the field
+        del d["prefix_cache_bytes"]
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_team(path: str | Path) -> tuple[TeamPlacement, dict[str, VariantsTable]]:
@@ -119,6 +128,7 @@ class Candidate:
     layers: list[tuple[int, int]] = field(default_factory=list)  # per stage [lo, hi) when pipelined
     shared_stages: bool = False  # pipelined stages that every agent on the same split shares (exo-style baseline)
     stage_pre: dict[str, float] = field(default_factory=dict)  # device -> prefill seconds (holds up the batch there)
+    prefix_cache_bytes: int = 0  # of the held bytes, the engine's prefix cache budget (not pipelined: no engine)
 
     @property
     def devices(self) -> list[str]:
@@ -142,7 +152,9 @@ def decode_s(v: Variant, dev: Device, table: VariantsTable, layer_share: float =
     cost, bw, scale = device_cost(dev, table)
     mem = decode_seconds_per_token(cost.model_copy(update={"fixed_s": 0, "fixed_s_per_layer": 0}),
                                    v.bytes_by_format, v.layers, bw, v.kv_bytes_per_token * context)
+    # fixed and per-group costs are compute: scaled with the other overheads on a device that was never probed
     fixed = cost.fixed_s + v.layers * cost.fixed_s_per_layer
+    fixed += sum(n * cost.group_s.get(f, 0.0) for f, n in (v.groups_by_format or {}).items())
     return layer_share * (mem + fixed / scale)
 
 
@@ -192,15 +204,17 @@ def candidates(team: TeamPlacement, tables: dict[str, VariantsTable], devices: D
         cs = []
         for v in allowed_variants(a, t):
             fits_one = False
+            held = v.weight_bytes + team.prefix_cache_bytes  # a base on one device is one engine: its prefix cache
             for d in devices.devices:
-                need = v.weight_bytes + a.adapter_bytes + kv_bytes(a, v) + runtime_bytes(d, t)
+                need = held + a.adapter_bytes + kv_bytes(a, v) + runtime_bytes(d, t)
                 if need > d.usable_bytes:
                     continue
                 fits_one = True
                 s = service_s(a, v, d, t)
-                cs.append(Candidate(a.name, v.name, f"{a.base}:{v.name}", [(d.name, v.weight_bytes)],
+                cs.append(Candidate(a.name, v.name, f"{a.base}:{v.name}", [(d.name, held)],
                                     {d.name: a.adapter_bytes + kv_bytes(a, v)}, s, {d.name: s},
-                                    stage_pre={d.name: prefill_s(v, d, t, a.prompt_tokens)}))
+                                    stage_pre={d.name: prefill_s(v, d, t, a.prompt_tokens)},
+                                    prefix_cache_bytes=team.prefix_cache_bytes))
             if not fits_one and len(devices.devices) > 1:
                 sp = split_layers(a, v, t, devices)
                 if sp is not None:
@@ -264,7 +278,9 @@ def assess(team: TeamPlacement, tables, devices: DeviceSet, choice: dict[str, Ca
         for d, wb in c.stages:
             p = parts.setdefault(d, {})
             key = c.base_key if not c.pipelined or c.shared_stages else f"{c.base_key}[{a.name}]"
-            p[key] = wb
+            p[key] = wb - c.prefix_cache_bytes
+            if c.prefix_cache_bytes:
+                p[f"{key} prefix cache"] = c.prefix_cache_bytes
             p[f"{a.name} adapter+KV"] = p.get(f"{a.name} adapter+KV", 0) + c.agent_bytes.get(d, 0)
             p["runtime"] = runtime_bytes(devs[d], t)
             load[d] = load.get(d, 0.0) + a.rate_per_s * c.stage_s[d]
@@ -324,7 +340,7 @@ def solve(team: TeamPlacement, tables: dict[str, VariantsTable], devices: Device
     cands = candidates(team, tables, devices)
     for a in team.agents:
         if not cands[a.name]:
-            raise Infeasible(_why_no_candidate(a, tables[a.base], devices))
+            raise Infeasible(_why_no_candidate(a, tables[a.base], devices, team.prefix_cache_bytes))
     status, sol = _milp(team, tables, devices, cands, objective)
     if sol is None:
         raise Infeasible(_why_infeasible(team, tables, devices, cands))
@@ -475,7 +491,7 @@ def _pick(h, x, cands) -> dict[str, Candidate]:
 # -- explaining infeasibility -------------------------------------------------------------------------------------
 
 
-def _why_no_candidate(a: AgentSpec, t: VariantsTable, devices: DeviceSet) -> str:
+def _why_no_candidate(a: AgentSpec, t: VariantsTable, devices: DeviceSet, prefix_cache_bytes: int = 0) -> str:
     vs = [v for v in t.variants if a.variants is None or v.name in a.variants]
     ok = [v for v in vs if quality_ok(a, v)]
     if not ok:
@@ -489,10 +505,11 @@ def _why_no_candidate(a: AgentSpec, t: VariantsTable, devices: DeviceSet) -> str
                 f"is {best.delta_ppl:+.4f} (over by {best.delta_ppl - a.max_delta_ppl:.4f})")
     small = min(ok, key=lambda v: v.weight_bytes + kv_bytes(a, v))
     big = max(devices.devices, key=lambda d: d.usable_bytes - runtime_bytes(d, t))
-    need = small.weight_bytes + a.adapter_bytes + kv_bytes(a, small) + runtime_bytes(big, t)
+    need = small.weight_bytes + prefix_cache_bytes + a.adapter_bytes + kv_bytes(a, small) + runtime_bytes(big, t)
+    pc = f" + prefix cache {prefix_cache_bytes}" if prefix_cache_bytes else ""
     return (f"agent {a.name}: fits on no device: its smallest allowed variant {small.name} needs {need} bytes "
-            f"(weights + adapter + KV for {a.concurrency}x{a.context} + runtime) and the largest device, {big.name}, "
-            f"has {big.usable_bytes} (short by {need - big.usable_bytes} bytes"
+            f"(weights + adapter + KV for {a.concurrency}x{a.context}{pc} + runtime) and the largest device, "
+            f"{big.name}, has {big.usable_bytes} (short by {need - big.usable_bytes} bytes"
             + ("" if len(devices.devices) > 1 else "; no second device to split it over") + ")")
 
 

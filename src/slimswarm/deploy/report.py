@@ -20,7 +20,8 @@ def variants_rows(table: VariantsTable) -> list[dict]:
     for v in table.variants:
         me = v.measured
         ctx = (me.context - me.new_tokens // 2) if me else 0  # the KV a measured decode step reads, on average
-        t = decode_seconds_per_token(m.cost, v.bytes_by_format, v.layers, m.bandwidth_gb_s, v.kv_bytes_per_token * ctx)
+        t = decode_seconds_per_token(m.cost, v.bytes_by_format, v.layers, m.bandwidth_gb_s, v.kv_bytes_per_token * ctx,
+                                     v.groups_by_format)
         r = {"variant": v.name, "weight_MB": round(v.weight_bytes / 1e6, 1), "read_MB_per_token":
              round(v.bytes_per_token / 1e6, 1), "ppl": round(v.perplexity, 3) if v.perplexity else None,
              "delta_ppl_%": round(100 * v.delta_ppl, 2) if v.delta_ppl is not None else None,
@@ -31,18 +32,27 @@ def variants_rows(table: VariantsTable) -> list[dict]:
             me = v.measured
             pk = predicted_peak_bytes(v, m.cost, me.batch, me.context)
             err = 100 * (1 / t / me.decode_tokens_per_s - 1)
-            r.update(meas_tok_s=round(me.decode_tokens_per_s, 2), tok_s_err_pct=round(err, 1),
-                     tok_s_within_20=abs(err) <= 20, decode_path=me.decode_path,
+            r.update(meas_tok_s=round(me.decode_tokens_per_s, 2))
+            if me.decode_tokens_per_s_runs:  # the median of several fresh processes: their spread beside it
+                runs = me.decode_tokens_per_s_runs
+                r.update(processes=len(runs), meas_tok_s_range=_range(runs))
+            r.update(tok_s_err_pct=round(err, 1), tok_s_within_20=abs(err) <= 20, decode_path=me.decode_path,
                      pred_peak_MiB=round(pk / 2**20), meas_peak_MiB=round(me.peak_rss_bytes / 2**20),
                      peak_err_pct=round(100 * (pk / me.peak_rss_bytes - 1), 1),
                      peak_within_20=abs(pk / me.peak_rss_bytes - 1) <= 0.2)
             if me.prefill_s is not None:
                 n = me.context - me.new_tokens
                 pp = prefill_call_seconds(m.cost, v.linear_params(), v.layers, n)
-                r.update({f"pred_prefill{n}_s": round(pp, 3), f"meas_prefill{n}_s": round(me.prefill_s, 3),
-                          "prefill_err_pct": round(100 * (pp / me.prefill_s - 1), 1)})
+                r.update({f"pred_prefill{n}_s": round(pp, 3), f"meas_prefill{n}_s": round(me.prefill_s, 3)})
+                if me.prefill_s_runs:
+                    r[f"meas_prefill{n}_s_range"] = _range(me.prefill_s_runs, 3)
+                r["prefill_err_pct"] = round(100 * (pp / me.prefill_s - 1), 1)
         rows.append(r)
     return rows
+
+
+def _range(xs: list[float], digits: int = 1) -> str:
+    return f"{min(xs):.{digits}f}..{max(xs):.{digits}f}"
 
 
 def memory_bar_plot(per_device: dict[str, dict[str, int]], capacity: dict[str, int], path: str | Path,

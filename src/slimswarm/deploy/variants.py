@@ -27,6 +27,10 @@ class Measured(BaseModel):
     new_tokens: int
     decode_path: str | None = None  # native (kernels/decode.c) or python: the step that was timed
     prefill_s: float | None = None  # one prefill forward of the prompt (context - new_tokens tokens), median
+    # one figure per fresh process when measured in several (the fields above are then their medians)
+    decode_tokens_per_s_runs: list[float] | None = None
+    peak_rss_bytes_runs: list[int] | None = None
+    prefill_s_runs: list[float] | None = None
 
 
 class Variant(BaseModel):
@@ -39,6 +43,7 @@ class Variant(BaseModel):
     layers: int = Field(gt=0)
     weight_bytes: int = Field(gt=0)
     bytes_by_format: dict[str, int]  # weight bytes one decode step reads, by format
+    groups_by_format: dict[str, int] | None = None  # (row, group) pairs of its quantized matmuls a step, by format
     kv_bytes_per_token: int = Field(gt=0)  # K and V of one token across all layers
     hidden_size: int | None = None
     linear_params_by_format: dict[str, int] | None = None  # decoder linears' parameters by format (prefill cost)
@@ -119,6 +124,40 @@ def measure_in_subprocess(checkpoint: str | Path, batch: int = 1, context: int =
     return Measured(**json.loads(r.stdout.strip().splitlines()[-1]))
 
 
+def median_of_runs(runs: list[Measured]) -> Measured:
+    """One record for a variant measured in several fresh processes: each figure the median over the processes
+    (a process's own noise, e.g. where its pages landed, is as large as a variant's difference), every run kept."""
+    import statistics
+
+    if not runs:
+        raise ValueError("median_of_runs: no runs")
+    pre = [r.prefill_s for r in runs if r.prefill_s is not None]
+    first = runs[0]
+    return Measured(decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in runs),
+                    peak_rss_bytes=int(statistics.median(r.peak_rss_bytes for r in runs)), batch=first.batch,
+                    context=first.context, new_tokens=first.new_tokens, decode_path=first.decode_path,
+                    prefill_s=statistics.median(pre) if pre else None,
+                    decode_tokens_per_s_runs=[r.decode_tokens_per_s for r in runs],
+                    peak_rss_bytes_runs=[r.peak_rss_bytes for r in runs], prefill_s_runs=pre or None)
+
+
+def measure_round_robin(checkpoints: dict[str, str | Path], processes: int = 3, threads: int = 1, log=print,
+                        measure=None) -> dict[str, Measured]:
+    """Measure every checkpoint in ``processes`` fresh processes, round-robin (each variant once, then each again:
+    a slow spell of a shared machine lands on several variants' single runs instead of on one variant's all), and
+    return each one's ``median_of_runs``. ``measure(checkpoint, threads=...)`` is measure_in_subprocess."""
+    measure = measure or measure_in_subprocess
+    runs: dict[str, list[Measured]] = {k: [] for k in checkpoints}
+    for p in range(processes):
+        for k, ck in checkpoints.items():
+            me = measure(ck, threads=threads)
+            runs[k].append(me)
+            log(f"  [{p + 1}/{processes}] {k}: {me.decode_tokens_per_s:.1f} tok/s ({me.decode_path} step), prefill "
+                f"{me.prefill_s if me.prefill_s is not None else float('nan'):.2f} s, "
+                f"{me.peak_rss_bytes / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}")
+    return {k: median_of_runs(rs) for k, rs in runs.items()}
+
+
 def vm_hwm_bytes() -> int:
     """This process's peak resident bytes (VmHWM). Unlike ru_maxrss it starts afresh at exec, so a child started by
     a large parent does not report the parent's peak."""
@@ -137,12 +176,15 @@ def _measure_main(checkpoint: str, batch: int, context: int, new_tokens: int, th
     from ..models.load import load
 
     torch.set_num_threads(threads)
-    from .costmodel import decode_path, prefill_seconds
+    from .costmodel import decode_path
 
     m = load(checkpoint).model
-    rate = decode_tokens_per_s(m, batch, new_tokens, prompt_len=context - new_tokens, repeats=3)
-    peak = vm_hwm_bytes()  # before the prefill timing, which holds no more than generate did
-    pre = prefill_seconds(m, context - new_tokens)
+    timings: list[dict] = []
+    rate = decode_tokens_per_s(m, batch, new_tokens, prompt_len=context - new_tokens, repeats=3, timings=timings)
+    peak = vm_hwm_bytes()
+    import statistics
+
+    pre = statistics.median(t["prefill_s"] for t in timings)  # each generate's prefill of the prompt
     print(json.dumps({"decode_tokens_per_s": rate, "peak_rss_bytes": peak, "batch": batch,
                       "context": context, "new_tokens": new_tokens, "decode_path": decode_path(m),
                       "prefill_s": pre}))
@@ -163,13 +205,15 @@ def describe(model, name: str, recipe: str | None) -> Variant:
 
 
 def add_layout(v: Variant, model) -> Variant:
-    """Per-layer, embedding and head bytes: what a pipeline split needs."""
+    """Per-layer, embedding and head bytes (what a pipeline split needs), the decoder linears' parameters by format
+    (prefill) and the quantized matmuls' groups by format (decode)."""
     from ..evaluate.size import weight_bytes
 
-    from .costmodel import linear_params_by_format
+    from .costmodel import groups_by_format, linear_params_by_format
 
     v.hidden_size = model.config.hidden_size
     v.linear_params_by_format = linear_params_by_format(model)
+    v.groups_by_format = groups_by_format(model)
     v.layer_bytes = [weight_bytes(layer) for layer in model.model.layers]
     v.embed_bytes = weight_bytes(model.model.embed_tokens) or weight_bytes(model.lm_head)  # tied: the head's table
     v.head_bytes = weight_bytes(model.lm_head) + weight_bytes(model.model.norm)
@@ -178,10 +222,11 @@ def add_layout(v: Variant, model) -> Variant:
 
 def measure_variants(base: str, recipes: list[str], out_dir: str | Path, machine: Device, tokens: int = 4096,
                      window: int = 512, kl_tokens: int = 2048, task_items: int = 64, tasks: tuple[str, ...] = ("sst2",),
-                     log=print) -> VariantsTable:
+                     log=print, processes: int = 3) -> VariantsTable:
     """Build each variant from ``base`` (``fp32`` is the base itself), save it under ``out_dir``, and measure it:
     perplexity and KL on the first ``tokens`` of the evaluation text, label-scoring accuracy on ``task_items`` test
-    items per task, and decode speed and peak RSS in a fresh process. Progress goes to ``log``."""
+    items per task, and decode speed and peak RSS in ``processes`` fresh processes each, round-robin over the
+    variants once all are built (``measure_round_robin``). Progress goes to ``log``."""
     import torch
 
     from ..compress import compress
@@ -228,14 +273,15 @@ def measure_variants(base: str, recipes: list[str], out_dir: str | Path, machine
         if not (ck / "slimswarm.json").exists():
             _save_variant(model, ref, r, meta, ck)
         v.checkpoint = str(ck)
-        log(f"[{k}/{len(recipes)}] {name}: decode speed and peak memory in a fresh process ...")
-        v.measured = measure_in_subprocess(ck, threads=machine.threads)
-        log(f"[{k}/{len(recipes)}] {name}: {v.weight_bytes / 1e6:.0f} MB, ppl {ppl:.2f}, KL {v.kl:.4f}, "
-            f"{v.measured.decode_tokens_per_s:.1f} tok/s, peak RSS {v.measured.peak_rss_bytes / 2**20:.0f} MiB "
+        log(f"[{k}/{len(recipes)}] {name}: {v.weight_bytes / 1e6:.0f} MB, ppl {ppl:.2f}, KL {v.kl:.4f} "
             f"({time.perf_counter() - t0:.0f} s)")
         rows.append(v)
         if model is not ref.model:
             del model
+    log(f"variants: decode speed and peak memory, {processes} fresh processes each, round-robin ...")
+    measured = measure_round_robin({v.name: v.checkpoint for v in rows}, processes, machine.threads, log=log)
+    for v in rows:
+        v.measured = measured[v.name]
     if base_ppl is None:  # no fp32 row: ΔPPL against a fresh measurement of the base
         base_ppl = perplexity(ref.model, ref.tokenizer, text, window, tokens, source=source).perplexity
     for v in rows:

@@ -37,6 +37,9 @@ class QueueFull(SlimswarmError):
     """The bounded waiting queue is full (the server answers 429)."""
 
 
+PREFIX_CACHE_BYTES = 256 << 20  # the shared-prefix KV cache's default byte budget (one per engine)
+
+
 class EngineClosed(SlimswarmError):
     """The engine is stopping or stopped (the server answers 503)."""
 
@@ -112,7 +115,7 @@ class Engine:
     """Continuous batching over one model (float or quantized), optionally with a bank of LoRA adapters."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int = 2048, kv_budget_bytes: int | None = None,
-                 prefix_cache_bytes: int = 256 << 20, max_waiting: int = 256, adapters=None):
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, max_waiting: int = 256, adapters=None):
         if max_batch < 1 or max_waiting < 0:
             raise SlimswarmError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch}, {max_waiting}")
         per_token = kv_bytes_per_token(model)

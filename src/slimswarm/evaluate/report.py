@@ -77,3 +77,20 @@ def write_report(rows: list[dict], stem: str | Path, command: str, notes: list[s
     if rows and all("decode_tokens_per_s" in r and "roofline_tokens_per_s" in r for r in rows):
         paths["png"] = roofline_plot(rows, stem.with_suffix(".png"))
     return paths
+
+
+NOTES_HEADING = "## Notes (written by hand"
+
+
+def write_keeping_notes(path: str | Path, text: str) -> Path:
+    """Write a generated results page, keeping the hand-written notes section (from a ``## Notes (written by hand``
+    heading to the end) of the page it replaces; via a temporary name and a rename."""
+    p = Path(path)
+    old = p.read_text() if p.exists() else ""
+    i = old.find(NOTES_HEADING)
+    if i >= 0:
+        text = text.rstrip("\n") + "\n\n" + old[i:]
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p

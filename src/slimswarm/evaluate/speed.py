@@ -64,14 +64,18 @@ def prefill_tokens_per_s(model, n_tokens: int = 512, repeats: int = 3) -> float:
     return n_tokens / statistics.median(times)
 
 
-def decode_tokens_per_s(model, batch: int = 1, new_tokens: int = 64, prompt_len: int = 32, repeats: int = 2) -> float:
-    """Generated tokens per second of decode (after prefill), all rows counted; EOS ignored."""
+def decode_tokens_per_s(model, batch: int = 1, new_tokens: int = 64, prompt_len: int = 32, repeats: int = 2,
+                        timings: list | None = None) -> float:
+    """Generated tokens per second of decode (after prefill), all rows counted; EOS ignored. Each timed generate's
+    timings (prefill_s, decode_s, decode_steps) are appended to ``timings`` when given."""
     prompts = [_prompt(model.config.vocab_size, prompt_len, seed=i) for i in range(batch)]
     params = SamplingParams(max_tokens=new_tokens)
     generate_ids(model, prompts, SamplingParams(max_tokens=4))  # warm-up, allocates the cache
     rates = []
     for _ in range(repeats):
         c = generate_ids(model, prompts, params)[0]
+        if timings is not None:
+            timings.append(c.timings)
         rates.append(batch * c.timings["decode_steps"] / c.timings["decode_s"])
     return statistics.median(rates)
 
