@@ -223,6 +223,28 @@ def test_greedy_64_steps_identical_to_python_on_stories260k(stories):
     assert nat == py and all(len(t) == 64 for t in py)
 
 
+def test_repacked_copies_are_counted_in_the_planners_memory():
+    from types import SimpleNamespace
+
+    from slimswarm.deploy.report import predicted_peak_bytes
+    from slimswarm.deploy.variants import Variant, add_layout
+
+    m = _model()
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+    codes = sum(mod.out_features * mod.in_features // 2 for mod in m.model.layers.modules() if hasattr(mod, "codes"))
+    head = m.config.vocab_size * m.config.hidden_size  # the int8 head, repacked too
+    v = Variant(name="w4", params=1, layers=2, weight_bytes=1, bytes_by_format={}, kv_bytes_per_token=1)
+    assert add_layout(v, m).native_copy_bytes == 0  # the suite's exact mode: fp32 activations, nothing repacked
+    native.set_act_int8(m, True)
+    try:
+        extra = add_layout(v, m).native_copy_bytes
+    finally:
+        native.set_act_int8(m, False)
+    assert codes + head <= extra <= 1.3 * (codes + head)  # + fp32 scale and zero point per block group (8 B / 64)
+    cost = SimpleNamespace(runtime_bytes=10, load_overhead_bytes=5)
+    assert predicted_peak_bytes(v, cost, 1, 1) == 10 + 5 + 1 + extra + 1
+
+
 def test_int8_activations_are_the_default(monkeypatch):
     m = _model()
     quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))

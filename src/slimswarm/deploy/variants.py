@@ -50,6 +50,7 @@ class Variant(BaseModel):
     layer_bytes: list[int] | None = None  # weight bytes of each decoder layer (for a pipeline split)
     embed_bytes: int | None = None  # the embedding table (first stage)
     head_bytes: int | None = None  # final norm + LM head (last stage; the table again when tied)
+    native_copy_bytes: int = Field(0, ge=0)  # resident beside the weights: the native step's repacked codes
     perplexity: float | None = None
     delta_ppl: float | None = None  # perplexity / base perplexity - 1
     kl: float | None = None  # nats per token against the base
@@ -209,6 +210,7 @@ def add_layout(v: Variant, model) -> Variant:
     (prefill) and the quantized matmuls' groups by format (decode)."""
     from ..evaluate.size import weight_bytes
 
+    from ..kernels import native
     from .costmodel import groups_by_format, linear_params_by_format
 
     v.hidden_size = model.config.hidden_size
@@ -217,6 +219,7 @@ def add_layout(v: Variant, model) -> Variant:
     v.layer_bytes = [weight_bytes(layer) for layer in model.model.layers]
     v.embed_bytes = weight_bytes(model.model.embed_tokens) or weight_bytes(model.lm_head)  # tied: the head's table
     v.head_bytes = weight_bytes(model.lm_head) + weight_bytes(model.model.norm)
+    v.native_copy_bytes = native.copy_bytes(model)
     return v
 
 

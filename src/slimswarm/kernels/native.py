@@ -527,6 +527,15 @@ def step_for(model) -> NativeStep | None:
     return st
 
 
+def copy_bytes(model) -> int:
+    """Resident bytes the native step adds to ``model``'s weights: the repacked copies of its quantized codes (while
+    int8 activations are on, the default), 0 where the step does not apply."""
+    try:
+        return NativeStep(model).repacked_bytes
+    except Unsupported:
+        return 0
+
+
 def reset(model) -> None:
     """Forget the packed step (after editing weights in place through ``.data``)."""
     _steps.pop(model, None)
