@@ -627,19 +627,44 @@ static inline __attribute__((always_inline)) void q4_i8_rows8(const ss_lin *L, c
                 const int64_t w = act_width(gs, 1, c);
                 __m256i d[MAXM];
                 for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
-                for (int64_t j = 0; j < w; j += 8) {
-                    const int64_t col = g * gs + c + j;
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + col * 4));
-                    const __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
-                    for (int64_t m = 0; m < M; m++) {
-                        const int8_t *xm = p->xq + m * K + col;
-                        int32_t x0, x1;
-                        memcpy(&x0, xm, 4);
-                        memcpy(&x1, xm + 4, 4);
-                        d[m] = dot_u8s8(d[m], lo, _mm256_set1_epi32(x0));
-                        d[m] = dot_u8s8(d[m], hi, _mm256_set1_epi32(x1));
+                if (M == 1) { /* one row of x: four independent accumulator chains (VNNI's latency, not its width,
+                               * would bound one chain of two dependent ops per 32 bytes) */
+                    __m256i e0 = _mm256_setzero_si256(), e1 = e0, e2 = e0, e3 = e0;
+                    const int8_t *xm = p->xq + g * gs + c;
+                    const uint8_t *wb = wq + (g * gs + c) * 4;
+                    int64_t j = 0;
+                    for (; j + 16 <= w; j += 16) {
+                        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(wb + j * 4));
+                        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(wb + j * 4 + 32));
+                        int32_t x[4];
+                        memcpy(x, xm + j, 16);
+                        e0 = dot_u8s8(e0, _mm256_and_si256(v0, lo4), _mm256_set1_epi32(x[0]));
+                        e1 = dot_u8s8(e1, _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo4), _mm256_set1_epi32(x[1]));
+                        e2 = dot_u8s8(e2, _mm256_and_si256(v1, lo4), _mm256_set1_epi32(x[2]));
+                        e3 = dot_u8s8(e3, _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo4), _mm256_set1_epi32(x[3]));
                     }
-                }
+                    for (; j < w; j += 8) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + j * 4));
+                        int32_t x[2];
+                        memcpy(x, xm + j, 8);
+                        e0 = dot_u8s8(e0, _mm256_and_si256(v, lo4), _mm256_set1_epi32(x[0]));
+                        e1 = dot_u8s8(e1, _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4), _mm256_set1_epi32(x[1]));
+                    }
+                    d[0] = _mm256_add_epi32(_mm256_add_epi32(e0, e1), _mm256_add_epi32(e2, e3));
+                } else
+                    for (int64_t j = 0; j < w; j += 8) {
+                        const int64_t col = g * gs + c + j;
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + col * 4));
+                        const __m256i lo = _mm256_and_si256(v, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+                        for (int64_t m = 0; m < M; m++) {
+                            const int8_t *xm = p->xq + m * K + col;
+                            int32_t x0, x1;
+                            memcpy(&x0, xm, 4);
+                            memcpy(&x1, xm + 4, 4);
+                            d[m] = dot_u8s8(d[m], lo, _mm256_set1_epi32(x0));
+                            d[m] = dot_u8s8(d[m], hi, _mm256_set1_epi32(x1));
+                        }
+                    }
                 for (int64_t m = 0; m < M; m++)
                     acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_mul_ps(sw, _mm256_set1_ps(sxa[m * A + a])),
                                              acc[m]);
