@@ -36,6 +36,10 @@ class QuantizeConfig(BaseModel):
     range_search: Literal["minmax", "mse", "imatrix"] = "minmax"
     damp: float = Field(0.01, gt=0, lt=1)
     head_bits: Literal[8] | None = 8  # embeddings + lm_head as int8 per row; null keeps them float
+    # How the embeddings / LM head table is rounded: "rtn" (each row on its own), or "gptq": the LM head as a linear,
+    # its Hessian from the final hidden states of the already-quantized model on the calibration text (the stored
+    # format is the same; a tied table's embedding role is not optimised). Needs calibration text.
+    head_method: Literal["rtn", "gptq"] = "rtn"
     overrides: list[Override] = []
     # Mixed precision: give one budget for the whole checkpoint (bits per parameter, or bytes of model.safetensors);
     # each decoder linear then gets the format from ``formats`` that minimises the predicted KL (quant/mixed.py),
@@ -75,7 +79,7 @@ class QuantizeConfig(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn" or self.range_search == "imatrix" or self.budgeted
+        return self.method != "rtn" or self.range_search == "imatrix" or self.budgeted or self.head_method == "gptq"
 
     @field_validator("group_size")
     @classmethod
