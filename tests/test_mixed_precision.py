@@ -253,3 +253,21 @@ def test_gptq_head_needs_calibration_text():
     assert cfg.needs_calibration
     with pytest.raises(SlimswarmError, match="calibration"):
         quantize_model(load("stories260k").model, cfg, None)
+
+
+def test_sensitivity_samples_limits_the_fisher_pass_to_the_first_sequences(tmp_path, calib, monkeypatch):
+    # the plan from 8 calibration sequences with sensitivity_samples 4 predicts what a 4-sequence plan predicts
+    # (the same Fisher pass, read back from its cache); GPTQ still gets all 8 (the weights differ)
+    monkeypatch.setenv("SLIMSWARM_CACHE", str(tmp_path / "cache"))
+    lo, hi = budget_range(load("stories260k").model, [WeightFormat.parse(f) for f in FORMATS], 8)
+    budget = lo + (hi - lo) // 10
+    metas, states = [], []
+    for kw, ids in (({}, calib[:4]), ({"sensitivity_samples": 4}, calib)):
+        m = load("stories260k")
+        metas.append(quantize_model(m.model, _cfg(budget_bytes=budget, **kw), ids))
+        states.append(m.model.state_dict())
+    a, b = (x["plan"] for x in metas)
+    assert a["sensitivity"] == b["sensitivity"] and a["formats"] == b["formats"]
+    assert a["sensitivity_tokens"] == b["sensitivity_tokens"] == 4 * calib.shape[1]
+    assert len(list(tmp_path.glob("cache/sensitivity/*.pt"))) == 1
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0] if k.endswith("qweight"))

@@ -49,6 +49,9 @@ class QuantizeConfig(BaseModel):
     formats: list[str] = ["w3g64", "w4g128", "w4g64", "w8"]
     # with a budget, the embeddings / LM head table (one item; tied: one table) chooses from these (null: head_bits)
     head_formats: list[str] | None = None
+    # with a budget, the sensitivity pass (a forward + backward per sequence, the costly part) reads only the first
+    # N calibration sequences; GPTQ's Hessians use them all (null: the pass reads all of them too)
+    sensitivity_samples: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _per_tensor_rtn(self) -> "QuantizeConfig":
