@@ -359,7 +359,9 @@ def finish(args, rows: list, load_start, bw: float) -> None:
         "plan in slimswarm.json); the plan (formats per decoder linear from w3g64/w3g128/w4g128/w4g96/w4g64/w5g64/"
         "w6g64/w8, and for the tied embeddings/LM head from w4g64/w5g64/w6g64/w6/w8) is chosen by a knapsack on "
         "predicted KL (quant/sensitivity.py) and is in the checkpoint's slimswarm.json; predicted_kl is the plan's "
-        "summed prediction, kl the measured one.",
+        "summed prediction, kl the measured one. mixed-93mb/105mb: 16 x 256 calibration tokens, RTN-rounded table; "
+        "mixed-75mb: GPTQ with act-order (static groups, the standard layout), Hessians from 64 x 256 tokens (the "
+        "sensitivity pass on the first 16 x 256), and the tied table rounded by GPTQ as the LM head (head_method).",
         "rows marked reused_from: measured by the earlier run (results/quant_smollm2.json) with the same code path, "
         "windows and token ids (quality is deterministic); not re-run here to save CPU on a shared machine.",
         (f"machine load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores (above ~2 other work "
