@@ -251,7 +251,7 @@ def test_gptq_head_lowers_the_head_objective_and_reloads_bit_exactly(tmp_path, c
 def test_gptq_head_needs_calibration_text():
     cfg = QuantizeConfig(method="rtn", head_method="gptq")
     assert cfg.needs_calibration
-    with pytest.raises(SlimswarmError, match="calibration"):
+    with pytest.raises(SlimswarmError, match="head_method gptq needs calibration text"):
         quantize_model(load("stories260k").model, cfg, None)
 
 

@@ -128,7 +128,8 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
     if needs_calib and calib is None:
         if cfg.budgeted:
             raise SlimswarmError("quantize.budget: the sensitivity pass needs calibration text")
-        what = f"method {cfg.method}" if cfg.method != "rtn" else f"range_search {cfg.range_search}"
+        what = (f"method {cfg.method}" if cfg.method != "rtn" else f"range_search {cfg.range_search}"
+                if cfg.range_search == "imatrix" else "head_method gptq")
         raise SlimswarmError(f"{what} needs calibration text")
     search = cfg.range_search != "minmax"
     imatrix = cfg.range_search == "imatrix"
