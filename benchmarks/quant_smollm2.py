@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/quant_smollm2.py [--presets w8,w4g128-rtn,...] [--max-tokens 32768]
         [--llamacpp Q4_0,IQ4_NL,Q4_K_M,Q3_K_M,Q8_0] [--torchao ''] [--out benchmarks/results/quant_smollm2_budget]
+        [--checkpoints DIR]  (score presets already built in DIR/PRESET with exactly the preset's recipe)
 
 Beside ours: llama.cpp's own quantizer on the same weights (``llama_cpp.llama_model_quantize``), scored by llama.cpp
 on the same token ids, and torchao's CPU configs. Writes OUT.json/.md/.png and OUT_pareto.png (bytes vs ΔPPL).
@@ -214,6 +215,9 @@ def main() -> None:
                          "(its temporary folder, printed at the start) in a quiet moment, side by side in one pass")
     ap.add_argument("--rows-from", metavar="LOG", action="append",
                     help="take the rows a run printed to LOG (repeatable: runs split over processes); measure the rest")
+    ap.add_argument("--checkpoints", metavar="DIR",
+                    help="score the preset checkpoints already built in DIR/PRESET (by this code: its slimswarm.json "
+                         "must hold exactly the preset's recipe) instead of quantizing again; quantize_s is then empty")
     ap.add_argument("--report-only", action="store_true", help="with --rows-from: measure nothing, write the report")
     ap.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable: e.g. the "
                                                                    "commands that measured the merged rows)")
@@ -276,6 +280,24 @@ def main() -> None:
         del bf
     for preset in [p for p in args.presets.split(",") if p and p not in done]:
         recipe = load_recipe(preset)
+        if args.checkpoints:
+            import json
+
+            out = Path(args.checkpoints) / preset
+            doc = json.loads((out / "slimswarm.json").read_text())
+            if doc.get("recipe") != json.loads(json.dumps(recipe.model_dump())):
+                sys.exit(f"{out / 'slimswarm.json'}: recipe differs from preset {preset}'s; rebuild it")
+            meta = doc["quantization"]
+            extra = {"quantize_s": None, "checkpoint": str(out),
+                     "groups": "/".join(map(str, sorted({m["group_size"] for n, m in meta.items()
+                                                         if n.startswith("model.")}))),
+                     "safetensors_bytes": (out / "model.safetensors").stat().st_size}
+            if "plan" in meta:
+                plan = meta["plan"]
+                extra.update(budget_bytes=plan["budget_bytes"], predicted_kl=plan["predicted_kl"], head=plan["head"],
+                             plan=" ".join(f"{k}:{v}" for k, v in plan["count"].items()))
+            measure(preset, load(out), disk_bytes(out), extra)
+            continue
         q = load("smollm2-135m")
         calib = None
         if recipe.needs_calibration:
@@ -337,7 +359,9 @@ def finish(args, rows: list, load_start, bw: float) -> None:
         "plan in slimswarm.json); the plan (formats per decoder linear from w3g64/w3g128/w4g128/w4g96/w4g64/w5g64/"
         "w6g64/w8, and for the tied embeddings/LM head from w4g64/w5g64/w6g64/w6/w8) is chosen by a knapsack on "
         "predicted KL (quant/sensitivity.py) and is in the checkpoint's slimswarm.json; predicted_kl is the plan's "
-        "summed prediction, kl the measured one.",
+        "summed prediction, kl the measured one. mixed-93mb/105mb: 16 x 256 calibration tokens, RTN-rounded table; "
+        "mixed-75mb: GPTQ with act-order (static groups, the standard layout), Hessians from 64 x 256 tokens (the "
+        "sensitivity pass on the first 16 x 256), and the tied table rounded by GPTQ as the LM head (head_method).",
         "rows marked reused_from: measured by the earlier run (results/quant_smollm2.json) with the same code path, "
         "windows and token ids (quality is deterministic); not re-run here to save CPU on a shared machine.",
         (f"machine load average at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on 2 cores (above ~2 other work "

@@ -200,3 +200,74 @@ def test_sensitivity_cache_measures_only_new_formats(tmp_path, calib, monkeypatc
     # the 6-bit step lies between 4 and 8 bits for every tensor where it fits
     assert all(v["w4g32"] > v["w6g32"] > v["w8"] for n, v in more.items() if "w6g32" in v and n != "lm_head")
     assert set(more["lm_head"]) == {"w8"}
+
+
+def test_gptq_head_lowers_the_head_objective_and_reloads_bit_exactly(tmp_path, calib, monkeypatch):
+    # head_method gptq rounds the LM head (tied: the one table) by GPTQ on the final hidden states of the already
+    # quantized model: its output error tr(dW H dW^T) on those inputs is below RTN's with the same format and search
+    from slimswarm.compress.quant import apply
+
+    seen = []
+
+    def spy(model, ids):  # the Hessian GPTQ gets: before the (tied) table is quantized, so float embeddings
+        seen.append(real(model, ids))
+        return seen[-1]
+
+    real = apply.head_hessian
+    monkeypatch.setattr(apply, "head_hessian", spy)
+    monkeypatch.setenv("SLIMSWARM_CACHE", str(tmp_path / "cache"))
+    heads = ["w4g32", "w8"]
+    lo, hi = budget_range(load("stories260k").model, [WeightFormat.parse(f) for f in FORMATS], 8,
+                          [WeightFormat.parse(f) for f in heads])
+    budget = lo + (hi - lo) // 20
+    runs = {}
+    for method in ("rtn", "gptq"):
+        m = load("stories260k")
+        w = m.model.lm_head.weight.detach().float().clone()
+        meta = quantize_model(m.model, _cfg(budget_bytes=budget, head_formats=heads, head_method=method), calib)
+        runs[method] = (m, meta, w)
+    (mr, meta_r, w), (mg, meta_g, _) = runs["rtn"], runs["gptq"]
+    assert meta_r["plan"]["formats"] == meta_g["plan"]["formats"]  # the same plan: only the head's rounding differs
+    assert meta_g["lm_head"]["method"] == "gptq" and "method" not in meta_r["lm_head"]
+    assert meta_g["lm_head"]["bits"] == WeightFormat.parse(meta_g["plan"]["head"]).bits
+    assert len(seen) == 1  # rtn does not ask for it
+    h = seen[0]  # the decoder layers are identical in both models: the same inputs reach both heads
+
+    def objective(m):
+        d = m.model.lm_head.dequantize() - w
+        return float(((d @ h) * d).sum())
+
+    assert objective(mg) < 0.9 * objective(mr), (objective(mg), objective(mr))
+    tied = mg.model.config.tie_word_embeddings
+    if tied:  # the embedding lookups read the same GPTQ rows
+        torch.testing.assert_close(mg.model.model.embed_tokens(torch.tensor([3, 7])),
+                                   mg.model.lm_head.dequantize()[[3, 7]])
+    out = save_checkpoint(mg.model, mg.tokenizer, tmp_path / "ck", {"quantization": meta_g})
+    assert (out / "model.safetensors").stat().st_size <= budget
+    a, b = mg.model.state_dict(), load(out).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gptq_head_needs_calibration_text():
+    cfg = QuantizeConfig(method="rtn", head_method="gptq")
+    assert cfg.needs_calibration
+    with pytest.raises(SlimswarmError, match="head_method gptq needs calibration text"):
+        quantize_model(load("stories260k").model, cfg, None)
+
+
+def test_sensitivity_samples_limits_the_fisher_pass_to_the_first_sequences(tmp_path, calib, monkeypatch):
+    # the plan from 8 calibration sequences with sensitivity_samples 4 predicts what a 4-sequence plan predicts
+    # (the same Fisher pass, read back from its cache); GPTQ still gets all 8 (the weights differ)
+    monkeypatch.setenv("SLIMSWARM_CACHE", str(tmp_path / "cache"))
+    lo, hi = budget_range(load("stories260k").model, [WeightFormat.parse(f) for f in FORMATS], 8)
+    budget = lo + (hi - lo) // 10
+    metas, states = [], []
+    for kw, ids in (({}, calib[:4]), ({"sensitivity_samples": 4}, calib)):
+        m = load("stories260k")
+        metas.append(quantize_model(m.model, _cfg(budget_bytes=budget, **kw), ids))
+        states.append(m.model.state_dict())
+    a, b = (x["plan"] for x in metas)
+    assert a["sensitivity"] == b["sensitivity"] and a["formats"] == b["formats"]
+    assert a["sensitivity_tokens"] == b["sensitivity_tokens"] == 4 * calib.shape[1]
+    assert len(list(tmp_path.glob("cache/sensitivity/*.pt"))) == 1
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0] if k.endswith("qweight"))

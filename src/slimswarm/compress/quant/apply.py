@@ -64,15 +64,45 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
 
-def head_codes(w: torch.Tensor, bits: int, group_size: int = -1, search: bool = False):
-    """(codes, scales, zeros) of an embedding / LM head table: RTN, with the range search when asked."""
+def head_codes(w: torch.Tensor, bits: int, group_size: int = -1, search: bool = False,
+               hessian: torch.Tensor | None = None, importance: bool = False, damp: float = 0.01):
+    """(codes, scales, zeros) of an embedding / LM head table: RTN, with the range search when asked; with a
+    ``hessian`` (of the LM head's inputs) GPTQ, the range search weighted by diag(H) when ``importance``."""
+    if hessian is not None:
+        return gptq_quantize(w.detach().float(), hessian, bits, group_size, damp=damp, search=search,
+                             importance=importance)
     return rtn_quantize(w.detach().float(), bits, group_size, search=search)
 
 
-def quantize_head(model, bits: int = 8, group_size: int = -1, search: bool = False) -> dict:
-    """Embeddings and LM head as integer rows (int8 per row by default); tied ones stay one table."""
+@torch.no_grad()
+def head_hessian(model, calib: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """H = 2/n·XᵀX of the LM head's inputs (the final hidden states) over the calibration ids, from ``model`` as it
+    is now (after its decoder layers were quantized, so GPTQ on the head sees the inputs it will get)."""
     head = model.lm_head
-    qhead = QuantLinear.from_codes(*head_codes(head.weight, bits, group_size, search), bits)
+    acc = {"H": torch.zeros(head.in_features, head.in_features), "n": 0}
+
+    def hook(mod, inp, out):
+        a = inp[0].reshape(-1, inp[0].shape[-1]).float()
+        acc["H"] += a.T @ a
+        acc["n"] += a.shape[0]
+
+    h = head.register_forward_hook(hook)
+    model.clear_cache()
+    try:
+        for i in range(0, calib.shape[0], chunk):
+            model(calib[i : i + chunk])
+    finally:
+        h.remove()
+        model.clear_cache()
+    return acc["H"] * (2.0 / max(acc["n"], 1))
+
+
+def quantize_head(model, bits: int = 8, group_size: int = -1, search: bool = False,
+                  hessian: torch.Tensor | None = None, importance: bool = False, damp: float = 0.01) -> dict:
+    """Embeddings and LM head as integer rows (int8 per row by default); tied ones stay one table. With ``hessian``
+    the LM head is rounded by GPTQ (``head_codes``); an untied embedding table stays RTN (GPTQ serves the head role)."""
+    head = model.lm_head
+    qhead = QuantLinear.from_codes(*head_codes(head.weight, bits, group_size, search, hessian, importance, damp), bits)
     tied = model.config.tie_word_embeddings
     model.lm_head = qhead
     if tied:
@@ -81,7 +111,8 @@ def quantize_head(model, bits: int = 8, group_size: int = -1, search: bool = Fal
         emb = model.model.embed_tokens.weight
         model.model.embed_tokens = QuantEmbedding(QuantLinear.from_codes(*head_codes(emb, bits, group_size, search),
                                                                          bits), shared=False)
-    return {"bits": bits, "group_size": qhead.group_size if group_size != -1 else -1, "tied": tied}
+    return {"bits": bits, "group_size": qhead.group_size if group_size != -1 else -1, "tied": tied,
+            **({"method": "gptq"} if hessian is not None else {})}
 
 
 @torch.no_grad()
@@ -97,12 +128,13 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
     if needs_calib and calib is None:
         if cfg.budgeted:
             raise SlimswarmError("quantize.budget: the sensitivity pass needs calibration text")
-        what = f"method {cfg.method}" if cfg.method != "rtn" else f"range_search {cfg.range_search}"
+        what = (f"method {cfg.method}" if cfg.method != "rtn" else f"range_search {cfg.range_search}"
+                if cfg.range_search == "imatrix" else "head_method gptq")
         raise SlimswarmError(f"{what} needs calibration text")
     search = cfg.range_search != "minmax"
     imatrix = cfg.range_search == "imatrix"
     meta: dict[str, dict] = {}
-    mixed = None
+    mixed = head_fmt = None
     if cfg.budgeted:
         from .formats import WeightFormat
         from .mixed import plan_mixed
@@ -138,10 +170,11 @@ def quantize_model(model, cfg: QuantizeConfig, calib: torch.Tensor | None = None
 
     label = f"quantize ({cfg.method}, {'mixed' if mixed else f'{cfg.bits}-bit'})"
     walk_layers(model, calib if needs_calib else None, label, visit)
-    if mixed is not None and head_fmt is not None:
-        meta["lm_head"] = quantize_head(model, head_fmt.bits, head_fmt.group_size, search)
-    elif cfg.head_bits:
-        meta["lm_head"] = quantize_head(model, cfg.head_bits)
+    if head_fmt is not None or cfg.head_bits:
+        bits, gs = (head_fmt.bits, head_fmt.group_size) if head_fmt is not None else (cfg.head_bits, -1)
+        h = head_hessian(model, calib) if cfg.head_method == "gptq" else None
+        meta["lm_head"] = quantize_head(model, bits, gs, search if head_fmt is not None or h is not None else False,
+                                        h, imatrix, cfg.damp)
     if mixed is not None:
         meta["plan"] = mixed
     return meta

@@ -104,6 +104,8 @@ def plan_mixed(model, cfg, calib: torch.Tensor | None, cache: bool = True) -> di
     budget, formats, head_formats = check_budget(model, cfg)
     if calib is None:
         raise SlimswarmError("quantize.budget: the sensitivity pass needs calibration text")
+    if cfg.sensitivity_samples:
+        calib = calib[: cfg.sensitivity_samples]
     sens = sensitivities(model, calib, formats, cfg, cache=cache, head_formats=head_formats)
     fixed, count = fixed_bytes(model, cfg.head_bits, bool(head_formats))
     lins = decoder_linears(model)
@@ -124,6 +126,7 @@ def plan_mixed(model, cfg, calib: torch.Tensor | None, cache: bool = True) -> di
         "budget_bytes": budget, "planned_bytes": fixed + header + sol["bytes"],
         "predicted_kl": sol["loss"], "dp_unit_bytes": sol["unit"],
         "head": chosen.get("lm_head", f"w{cfg.head_bits}" if cfg.head_bits else "float"),
+        "sensitivity_tokens": int(calib.numel()),
         "measure": "predicted KL: 0.5 * sum_j E[g_j^2] (dW E[xx^T] dW^T)_jj (diagonal Fisher at the linear's outputs)",
         "count": dict(sorted(tally.items())), "formats": chosen,
         "sensitivity": {n: {k: float(f"{v:.4g}") for k, v in sens[n].items()} for n in names},
