@@ -96,7 +96,7 @@ def main():
                           "probe --threads 1): measured on this machine, not a spec sheet.\n")
 
     for v in t.variants:
-        missing = v.linear_params_by_format is None or v.groups_by_format is None
+        missing = v.linear_params_by_format is None or v.groups_by_format is None or v.native_copy_bytes is None
         if missing and v.checkpoint and Path(v.checkpoint).exists():
             add_layout(v, load(v.checkpoint).model)
     if args.machine:

@@ -245,6 +245,17 @@ def test_repacked_copies_are_counted_in_the_planners_memory():
     assert predicted_peak_bytes(v, cost, 1, 1) == 10 + 5 + 1 + extra + 1
 
 
+def test_argmax_rows_in_c_equals_torch_argmax():
+    native.library()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4099, generator=g)
+    x[1, 7] = x[1, 4000] = x[1].max() + 1  # a tie: the first index, as torch.argmax
+    x[2, 11] = float("nan")  # a NaN counts as the largest, as torch.argmax
+    x[3] = -float("inf")
+    assert native.argmax_rows(x) == torch.argmax(x, -1).tolist()
+    assert native.argmax_rows(x[:, ::2]) == torch.argmax(x[:, ::2], -1).tolist()  # a strided view: copied first
+
+
 def test_int8_activations_are_the_default(monkeypatch):
     m = _model()
     quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))

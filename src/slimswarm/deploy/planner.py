@@ -205,7 +205,7 @@ def candidates(team: TeamPlacement, tables: dict[str, VariantsTable], devices: D
         for v in allowed_variants(a, t):
             fits_one = False
             # a base on one device is one engine: its weights, the native step's repacked codes, its prefix cache
-            held = v.weight_bytes + v.native_copy_bytes + team.prefix_cache_bytes
+            held = v.resident_bytes + team.prefix_cache_bytes
             for d in devices.devices:
                 need = held + a.adapter_bytes + kv_bytes(a, v) + runtime_bytes(d, t)
                 if need > d.usable_bytes:
@@ -504,9 +504,9 @@ def _why_no_candidate(a: AgentSpec, t: VariantsTable, devices: DeviceSet, prefix
         best = min(vs, key=lambda v: v.delta_ppl if v.delta_ppl is not None else 1e9)
         return (f"agent {a.name}: max_delta_ppl {a.max_delta_ppl}: no variant is within it; the best, {best.name}, "
                 f"is {best.delta_ppl:+.4f} (over by {best.delta_ppl - a.max_delta_ppl:.4f})")
-    small = min(ok, key=lambda v: v.weight_bytes + v.native_copy_bytes + kv_bytes(a, v))
+    small = min(ok, key=lambda v: v.resident_bytes + kv_bytes(a, v))
     big = max(devices.devices, key=lambda d: d.usable_bytes - runtime_bytes(d, t))
-    need = (small.weight_bytes + small.native_copy_bytes + prefix_cache_bytes + a.adapter_bytes + kv_bytes(a, small)
+    need = (small.resident_bytes + prefix_cache_bytes + a.adapter_bytes + kv_bytes(a, small)
             + runtime_bytes(big, t))
     pc = f" + prefix cache {prefix_cache_bytes}" if prefix_cache_bytes else ""
     return (f"agent {a.name}: fits on no device: its smallest allowed variant {small.name} needs {need} bytes "

@@ -11,8 +11,7 @@ from .variants import VariantsTable
 def predicted_peak_bytes(v, cost, batch: int, context: int) -> int:
     """A serving process's peak: runtime floor + load transient + weights (and the native step's repacked copies of
     quantized codes) + the KV cache for ``batch`` rows of ``context`` slots."""
-    return (cost.runtime_bytes + cost.load_overhead_bytes + v.weight_bytes + v.native_copy_bytes
-            + v.kv_bytes_per_token * batch * context)
+    return cost.runtime_bytes + cost.load_overhead_bytes + v.resident_bytes + v.kv_bytes_per_token * batch * context
 
 
 def variants_rows(table: VariantsTable) -> list[dict]:

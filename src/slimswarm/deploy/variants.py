@@ -50,7 +50,13 @@ class Variant(BaseModel):
     layer_bytes: list[int] | None = None  # weight bytes of each decoder layer (for a pipeline split)
     embed_bytes: int | None = None  # the embedding table (first stage)
     head_bytes: int | None = None  # final norm + LM head (last stage; the table again when tied)
-    native_copy_bytes: int = Field(0, ge=0)  # resident beside the weights: the native step's repacked codes
+    native_copy_bytes: int | None = Field(None, ge=0)  # resident beside the weights: the native step's repacked
+    # codes (int8 activations); None: not computed yet (plan_variants_smollm2 fills it from the checkpoint)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weights plus the native step's copies: what a loaded base holds."""
+        return self.weight_bytes + (self.native_copy_bytes or 0)
     perplexity: float | None = None
     delta_ppl: float | None = None  # perplexity / base perplexity - 1
     kl: float | None = None  # nats per token against the base

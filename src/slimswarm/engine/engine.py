@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import SlimswarmError
+from ..kernels import native
 from ..models.sampling import SamplingParams, sample_next
 from .grammar import Grammar, GrammarCompiler, RowGrammar
 from .kv import PrefixCache, installed, kv_bytes_per_token, make_caches, move_row
@@ -390,7 +391,7 @@ class Engine:
             start = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in reqs], device=dev)
             self._set_adapters(reqs)
             logits = self.model(toks, start, None, last_only=True, row0=0)[:, -1]
-            greedy = torch.argmax(logits, -1).tolist()
+            greedy = native.argmax_rows(logits)
         except Exception as e:  # the forward cannot say which row broke it: every row in it fails
             self._fail_active(e)
             return

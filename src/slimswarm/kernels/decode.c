@@ -1093,6 +1093,12 @@ static int64_t argmax_f32(const float *x, int64_t n) {
     return best;
 }
 
+/* out[m] = argmax of row m of x [M, n] (what the engine's greedy rows take; a torch.argmax there opens an OpenMP
+ * region whose spinning workers then compete with this pool's for the cores) */
+void ss_argmax_rows(const float *x, int64_t M, int64_t n, int64_t *out) {
+    for (int64_t m = 0; m < M; m++) out[m] = argmax_f32(x + m * n, n);
+}
+
 /* Greedy decoding of M rows in one call: step i decodes tok[m] at slot[m] + i, and each row's argmax becomes its next
  * token. A row is done after it produced one of eos[0..n_eos) (not kept) or limit[m] tokens; a done row feeds pad_tok,
  * as generate_ids does. out[m * steps + i]: row m's i-th new token; count[m]: how many it kept. Stops when every row

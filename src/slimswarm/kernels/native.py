@@ -114,6 +114,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ss_repack_q4.argtypes, lib.ss_repack_q4.restype = [P, I, I, P], None
     lib.ss_repack_q8.argtypes, lib.ss_repack_q8.restype = [P, I, I, P], None
     lib.ss_has_vnni.argtypes, lib.ss_has_vnni.restype = [], ctypes.c_int
+    lib.ss_argmax_rows.argtypes, lib.ss_argmax_rows.restype = [P, I, I, P], None
     lib.ss_pool_init.argtypes, lib.ss_pool_init.restype = [ctypes.c_int], ctypes.c_int
     lib.ss_pool_threads.argtypes, lib.ss_pool_threads.restype = [], ctypes.c_int
     return lib
@@ -525,6 +526,20 @@ def step_for(model) -> NativeStep | None:
         return None
     _steps[model] = (st, sig)
     return st
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax of fp32 CPU logits [M, V] in C, single-threaded (torch.argmax's OpenMP region leaves its
+    workers spinning on the cores the native step's pool needs next: at 8 rows that cost ~9 ms a step in barrier
+    waits); torch.argmax where the library is not there."""
+    got = next((lib for lib in _libs.values() if isinstance(lib, ctypes.CDLL)), None) if enabled() else None
+    if (got is None or logits.dtype != torch.float32 or logits.device.type != "cpu"
+            or logits.dim() != 2):
+        return torch.argmax(logits, -1).tolist()
+    x = logits if logits.is_contiguous() else logits.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    got.ss_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out.tolist()
 
 
 def copy_bytes(model) -> int:
