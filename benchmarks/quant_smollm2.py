@@ -341,7 +341,9 @@ def finish(args, rows: list, load_start, bw: float) -> None:
         "would be artificially lossless, so presets use groups of 128 (96 where 128 does not divide 576) and 64, int8 per channel, 3-bit.",
         "fp32 here is the de-quantized GGUF (the parent); every uniform preset also stores the embeddings/LM head (tied) "
         "as int8 rows; mixed presets choose the table's format in the plan (column head).",
-        "Decode: batch 1-8 run our C kernel on the packed int4/int8 codes (fp32 activations); 3-bit weights are 3 bits on "
+        "Decode: batch 1 and 8 run the native decode step (generate_ids: the one-call greedy loop) on the packed int4/int8 "
+        "codes with int8 "
+        "activations (the native step's default since #11; SLIMSWARM_NATIVE_ACT=fp32 for exact ones); 3-bit weights are 3 bits on "
         "disk but run through a 4-bit copy of their codes in memory, 5- and 6-bit weights through an 8-bit copy, so "
         "their real bytes per token are the 4-/8-bit ones (the bound shown uses the stored bits).",
         "decode tok/s were measured while other jobs used the CPU (load average below): measured under load; "
