@@ -599,6 +599,25 @@ static void q_i8_fast_m(const ss_lin *L, const prep_t *p, int64_t M, int64_t n0,
     q_i8_fast(L, p, M, n0, n1, y, ys, add);
 }
 
+/* The end of an 8-row block of the repacked loops: minus the zero-point terms (sum_g scale * zero * the group's sum
+ * of de-quantized x), plus the bias, stored or added into y[m, n..n+8). */
+static inline __attribute__((always_inline)) void rows8_out(const ss_lin *L, const prep_t *p, const int64_t M,
+                                                          int64_t G, int64_t n, const float *sc, const float *zp,
+                                                          const __m256 *acc, float *y, int64_t ys, int add) {
+    const __m256 b8 = L->bias ? _mm256_loadu_ps(L->bias + n) : _mm256_setzero_ps();
+    for (int64_t m = 0; m < M; m++) {
+        __m256 z = _mm256_setzero_ps();
+        const float *xs = p->xqsf + m * G;
+        for (int64_t g = 0; g < G; g++)
+            z = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g * 8), _mm256_loadu_ps(zp + g * 8)),
+                                _mm256_set1_ps(xs[g]), z);
+        __m256 o = _mm256_add_ps(_mm256_sub_ps(acc[m], z), b8);
+        float *yr = y + m * ys + n;
+        if (add) o = _mm256_add_ps(o, _mm256_loadu_ps(yr));
+        _mm256_storeu_ps(yr, o);
+    }
+}
+
 /* The int8-activation loop over repacked 4-bit codes (ss_lin.wr), eight weight rows at a time: each 32-byte block
  * holds 8 rows x 8 columns; its low nibbles meet x's columns c..c+3 and its high nibbles c+4..c+7, each as one
  * broadcast 4-byte word, so VNNI's per-lane 4-products land one weight row per int32 lane (no horizontal sums,
@@ -672,18 +691,7 @@ static inline __attribute__((always_inline)) void q4_i8_rows8(const ss_lin *L, c
                 c += w;
             }
         }
-        const __m256 b8 = L->bias ? _mm256_loadu_ps(L->bias + n) : _mm256_setzero_ps();
-        for (int64_t m = 0; m < M; m++) {
-            __m256 z = _mm256_setzero_ps();
-            const float *xs = p->xqsf + m * G;
-            for (int64_t g = 0; g < G; g++)
-                z = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g * 8), _mm256_loadu_ps(zp + g * 8)),
-                                    _mm256_set1_ps(xs[g]), z);
-            __m256 o = _mm256_add_ps(_mm256_sub_ps(acc[m], z), b8);
-            float *yr = y + m * ys + n;
-            if (add) o = _mm256_add_ps(o, _mm256_loadu_ps(yr));
-            _mm256_storeu_ps(yr, o);
-        }
+        rows8_out(L, p, M, G, n, sc, zp, acc, y, ys, add);
     }
 }
 
@@ -734,18 +742,7 @@ static inline __attribute__((always_inline)) void q8_i8_rows8(const ss_lin *L, c
                                              acc[m]);
             }
         }
-        const __m256 b8 = L->bias ? _mm256_loadu_ps(L->bias + n) : _mm256_setzero_ps();
-        for (int64_t m = 0; m < M; m++) {
-            __m256 z = _mm256_setzero_ps();
-            const float *xs = p->xqsf + m * G;
-            for (int64_t g = 0; g < G; g++)
-                z = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g * 8), _mm256_loadu_ps(zp + g * 8)),
-                                    _mm256_set1_ps(xs[g]), z);
-            __m256 o = _mm256_add_ps(_mm256_sub_ps(acc[m], z), b8);
-            float *yr = y + m * ys + n;
-            if (add) o = _mm256_add_ps(o, _mm256_loadu_ps(yr));
-            _mm256_storeu_ps(yr, o);
-        }
+        rows8_out(L, p, M, G, n, sc, zp, acc, y, ys, add);
     }
 }
 

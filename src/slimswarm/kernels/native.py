@@ -376,14 +376,7 @@ class NativeStep:
     def decode(self, model, tokens: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor | None,
                row0: int = 0) -> torch.Tensor:
         """Logits [M, vocab] (fp32) of ``tokens`` [M] written at cache ``slots`` [M] of rows row0.. (pad: [M] or None)."""
-        self._bind_caches(model)
-        m = tokens.shape[0]
-        nth = max(1, torch.get_num_threads())
-        ctx = self._context(nth)
-        tok = tokens.reshape(-1).to(torch.int64).contiguous()
-        sl = slots.reshape(-1).to(torch.int64).contiguous()
-        pd = None if pad is None else pad.reshape(-1).to(torch.int64).contiguous()
-        ls = self._lora_slots(m)
+        m, nth, ctx, tok, sl, pd, ls = self._call_args(model, tokens, slots, pad)
         out = torch.empty((m, self.vocab), dtype=torch.float32)
         rc = self.lib.ss_decode(ctx, ctypes.byref(self.model_struct), m, tok.data_ptr(), sl.data_ptr(), _ptr(pd),
                                 row0, _ptr(ls), out.data_ptr(), nth)
@@ -398,14 +391,7 @@ class NativeStep:
         ``tokens`` [M] at cache ``slots`` [M] (rows 0..M-1); a row stops on an ``eos`` id (not kept) or at
         ``limits[m]`` tokens counting the ``counts[m]`` it has; done rows feed ``pad_id``. Returns (steps run, each
         row's new tokens); ``counts`` is updated in place."""
-        self._bind_caches(model)
-        m = tokens.shape[0]
-        nth = max(1, torch.get_num_threads())
-        ctx = self._context(nth)
-        tok = tokens.reshape(-1).to(torch.int64).contiguous()
-        sl = slots.reshape(-1).to(torch.int64).contiguous()
-        pd = None if pad is None else pad.reshape(-1).to(torch.int64).contiguous()
-        ls = self._lora_slots(m)
+        m, nth, ctx, tok, sl, pd, ls = self._call_args(model, tokens, slots, pad)
         ev = torch.tensor(list(eos) or [-1], dtype=torch.int64)
         lim = torch.tensor(limits, dtype=torch.int64)
         cnt = torch.tensor(counts, dtype=torch.int64)
@@ -421,6 +407,14 @@ class NativeStep:
         new = (cnt - before).tolist()
         counts[:] = cnt.tolist()
         return int(n), [out[i, :k].tolist() for i, k in enumerate(new)]
+
+    def _call_args(self, model, tokens, slots, pad) -> tuple:
+        """(rows, threads, context, tokens, slots, pad, LoRA slots) as the C entry points take them."""
+        self._bind_caches(model)
+        m = tokens.shape[0]
+        nth = max(1, torch.get_num_threads())
+        flat = [None if t is None else t.reshape(-1).to(torch.int64).contiguous() for t in (tokens, slots, pad)]
+        return (m, nth, self._context(nth), *flat, self._lora_slots(m))
 
     def _lora_slots(self, m: int) -> torch.Tensor | None:
         if self.rows_obj is None:
