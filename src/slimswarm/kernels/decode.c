@@ -488,6 +488,13 @@ static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, con
     }
 }
 
+/* Four weight rows' int32 block dots folded into one vector (lanes: rows 0-3 | rows 0-3) and accumulated with the
+ * rows' weight scales (sw, in both halves) times the block's activation scale sx. */
+static inline __m256 fold4(__m256 acc, const __m256i *d, __m256 sw, float sx) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sw, _mm256_set1_ps(sx)), acc);
+}
+
 /* Four weight rows at a time (int8 activations, groups of a multiple of 32 columns, 4 and 8 bits).
  * Each activation block is loaded once for the four rows; the four rows' int32 dots of a block are folded into one
  * vector by two horizontal adds (lanes: rows 0-3 of the block's low half | rows 0-3 of its high half), so one cvt and
@@ -532,9 +539,7 @@ static inline __attribute__((always_inline)) void q_i8_rows4(const ss_lin *L, co
                         const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xg + 32));
                         __m256i d[4];
                         for (int r = 0; r < 4; r++) d[r] = dot_u8s8(dot_u8s8(_mm256_setzero_si256(), lo[r], x0), hi[r], x1);
-                        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sw, _mm256_set1_ps(sxa[m * A + a])),
-                                                 acc[m]);
+                        acc[m] = fold4(acc[m], d, sw, sxa[m * A + a]);
                     }
                 }
                 if (c < gs) { /* a last block of 32 columns (groups of 96, 160, ...) */
@@ -544,9 +549,7 @@ static inline __attribute__((always_inline)) void q_i8_rows4(const ss_lin *L, co
                         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c));
                         __m256i d[4];
                         for (int r = 0; r < 4; r++) d[r] = dot_u8s8(_mm256_setzero_si256(), w[r], x0);
-                        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sw, _mm256_set1_ps(sxa[m * A + a])),
-                                                 acc[m]);
+                        acc[m] = fold4(acc[m], d, sw, sxa[m * A + a]);
                     }
                     a++;
                 }
@@ -559,9 +562,7 @@ static inline __attribute__((always_inline)) void q_i8_rows4(const ss_lin *L, co
                         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(p->xq + m * K + g * gs + c));
                         __m256i d[4];
                         for (int r = 0; r < 4; r++) d[r] = dot_u8s8_wide(_mm256_setzero_si256(), w[r], x0);
-                        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sw, _mm256_set1_ps(sxa[m * A + a])),
-                                                 acc[m]);
+                        acc[m] = fold4(acc[m], d, sw, sxa[m * A + a]);
                     }
                 }
             }
