@@ -510,11 +510,8 @@ static inline __attribute__((always_inline)) void q_i8_rows4(const ss_lin *L, co
     for (int64_t n = n0; n < n1; n += 4) {
         const float *sc = L->scale + n * G, *zp = L->zero + n * G;
         const uint8_t *qr = (const uint8_t *)L->w + n * rbytes;
-#ifndef SS_PFD
-#define SS_PFD 1
-#endif
-        { /* the next four rows: without this the hardware prefetcher leaves the 8-bit head at half speed */
-            const char *pf = (const char *)qr + SS_PFD * 4 * rbytes;
+        { /* the next four rows (measured: without it the 8-bit rows ran at half speed; two blocks ahead was slower) */
+            const char *pf = (const char *)qr + 4 * rbytes;
             for (int64_t o = 0; o < 4 * rbytes; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
         }
         __m256 acc[MAXM];
