@@ -575,8 +575,8 @@ def test_repacked_codes_give_the_original_layouts_logits(bits, gs, hidden, inter
     q4_i8_rows8 / q8_i8_rows8; the int8 head is repacked too): the same
     integer dots as the nibble-order loop, so the logits agree to fp32 summation order; 224 gate/up rows (28
     blocks), a 96-wide group uses a 64- and a 32-column activation block. Rows of several positions and adapters
-    are not needed here: the loop is the same for every row of x (M = 1 and 4 are both run; the 8-bit loop serves
-    M > 1 only)."""
+    are not needed here: the loop is the same for every row of x (M = 1, 3, 4 and 8 are run: each count of rows has
+    its own compiled copy; the 8-bit loop serves M > 1 only)."""
     m = _model(hidden=hidden, inter=inter, heads=3 if hidden == 192 else 4, kv=1 if hidden == 192 else 2)
     quantize_model(m, QuantizeConfig(method="rtn", bits=bits, group_size=gs, head_bits=8))
     native.set_act_int8(m, True)
@@ -591,14 +591,14 @@ def test_repacked_codes_give_the_original_layouts_logits(bits, gs, hidden, inter
         if bits == 8 and not step.lib.ss_has_vnni():
             want = 0  # (AVX2 keeps the original 8-bit loop)
         assert step.repacked_bytes >= want
-        packed = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1])]
+        packed = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1]), _decode(m, PROMPTS[:3]), _decode(m, PROMPTS * 2)]
         monkeypatch.setenv("SLIMSWARM_NATIVE_REPACK", "0")
         native.reset(m)
         assert native.step_for(m).repacked_bytes == 0
-        plain = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1])]
+        plain = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1]), _decode(m, PROMPTS[:3]), _decode(m, PROMPTS * 2)]
     finally:
         native.set_act_int8(m, False)
-    exact = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1])]
+    exact = [_decode(m, PROMPTS), _decode(m, PROMPTS[:1]), _decode(m, PROMPTS[:3]), _decode(m, PROMPTS * 2)]
     for a, b, e in zip(packed, plain, exact):
         # as in the emulation test below: an input within ~1e-7 of an int8 rounding boundary may round one code
         # apart under the other summation order and spread through its row; all other logits agree to fp32 order
