@@ -188,6 +188,20 @@ def test_a_deploy_no_node_or_replica_can_serve_is_a_one_line_error_before_any_ta
     assert err == message and out == ""
 
 
+def _remove_and_wait(cluster, node, timeout_s: float = 30.0) -> None:
+    """Kill ``node`` and return once Ray's control store has it dead: ``remove_node`` returns before its processes
+    are gone, and a call sent in that window was still answered by the dying actor (no retry to see)."""
+    import ray
+
+    cluster.remove_node(node, allow_graceful=False)
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if not any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"node {node.node_id} still alive {timeout_s:.0f} s after remove_node")
+
+
 class _KillOnNthCall:
     """Stands in for a replica's actor handle: its ``n``-th generate call first kills the replica's node (and
     waits for ``remove_node`` to return), then goes to the now dead actor. So a call is in flight on the dying
@@ -218,7 +232,7 @@ def test_a_node_dying_mid_run_loses_no_task_and_its_replica_restarts_where_ray_c
     dead_node = dead.node
     victim = next(n for n in cluster.workers if n.node_id == dead_node)
     handle = dead.handle
-    dead.handle = killer = _KillOnNthCall(handle, 6, lambda: cluster.remove_node(victim, allow_graceful=False))
+    dead.handle = killer = _KillOnNthCall(handle, 6, lambda: _remove_and_wait(cluster, victim))
     tracer = Tracer()
     try:
         report = run_tasks(build_team(parse_config(TEAM)), TASKS, backend, tracer, parallel=8)
