@@ -460,7 +460,9 @@ def test_kv_cache_storage_native_matches_python_and_stays_near_fp32(kv):
     path does (same rounding rules), mixed positions and left padding included; the logits move a little from the
     fp32 cache's and the int8 cache takes 1 byte + 4/head_dim per value. int8's bound is looser than TOL: the two
     paths' K/V differ by fp32 rounding (~1e-6) before they are rounded to codes, and a value sitting on a rounding
-    boundary lands one code step apart (observed up to 7e-4 here)."""
+    boundary lands one code step apart (observed up to 7e-4 here). bf16 (8 bits of mantissa) has the same exposure:
+    one K/V value one bf16 step apart moved a logit by 1.8e-4 once the native SiLU went through the vectorized exp
+    (2e-7 relative from expf); fp16's steps are 8x finer."""
     m = _model(hidden=128, inter=256)
     quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
     ref = _decode(m, PROMPTS, on=False)
@@ -468,7 +470,7 @@ def test_kv_cache_storage_native_matches_python_and_stays_near_fp32(kv):
     for padded in (False, True):
         py = _decode(m, PROMPTS, on=False, padded=padded)
         nat = _decode(m, PROMPTS, on=True, padded=padded)
-        assert (py - nat).abs().max().item() <= (TOL if kv != "int8" else 3e-3)
+        assert (py - nat).abs().max().item() <= {"bf16": 1e-3, "fp16": TOL, "int8": 3e-3}[kv]
     drift = (py - ref).abs().max().item()
     assert 0 < drift < {"bf16": 0.05, "fp16": 0.01, "int8": 0.1}[kv], drift
     m.setup_cache(2, 16)
