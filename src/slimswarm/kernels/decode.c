@@ -978,6 +978,8 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
 typedef struct {
     const ss_model *md;
     int64_t M, row0;
+    int32_t one_row;  /* every row of x is a position of the sequence in cache row row0 (the prefill) */
+    int32_t head_row; /* the LM head's rows: -1 every row, else only this one (logits [1, vocab]) */
     const int64_t *tok, *slot, *pad;
     const int32_t *lslot; /* per-row LoRA slot (0: none) or NULL */
     float *logits;
@@ -1029,7 +1031,7 @@ ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
         b->sxa = amalloc(sizeof(float) * MAXM * (KX + 8));
         b->lt = amalloc(sizeof(float) * MAXM * R);
         /* scores of every query head of a kv group (a pruned layer may have one kv head for all its heads) */
-        b->sc = amalloc(sizeof(float) * (md->max_q / md->head_dim + 1) * (md->cache_len + 16) + sizeof(float) * 4 * md->head_dim);
+        b->sc = amalloc(sizeof(float) * (md->max_q / md->head_dim + 1) * (md->cache_len + 16) + sizeof(float) * 8 * md->head_dim);
         ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->xqsf && b->sxa && b->lt && b->sc;
     }
     if (!ok) {
@@ -1078,9 +1080,9 @@ static void job(void *arg, int tid, int nth);
 
 /* Run one decode step: tokens [M] at cache slots slot[M] (pad[M] leading padded slots or NULL) of cache rows
  * row0..row0+M-1; logits [M, vocab]. Returns 0, or -1 for bad arguments. */
-int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, const int64_t *slot, const int64_t *pad,
-              int64_t row0, const int32_t *lslot, float *logits, int nth) {
-    if (M < 1 || M > MAXM || row0 < 0 || row0 + M > md->cache_rows) return -1;
+static int step(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, const int64_t *slot, const int64_t *pad,
+                int64_t row0, int one_row, int head_row, const int32_t *lslot, float *logits, int nth) {
+    if (M < 1 || M > MAXM || row0 < 0 || row0 + (one_row ? 1 : M) > md->cache_rows) return -1;
     for (int64_t m = 0; m < M; m++)
         if (slot[m] < 0 || slot[m] >= md->cache_len || tok[m] < 0 || tok[m] >= md->vocab) return -1;
     if (nth > MAXT) nth = MAXT;
@@ -1088,6 +1090,7 @@ int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, cons
         if (!c->tb[t].xn) nth = t; /* the context was made for fewer threads */
     if (nth < 1) nth = 1;
     c->md = md, c->M = M, c->row0 = row0, c->tok = tok, c->slot = slot, c->pad = pad, c->lslot = lslot;
+    c->one_row = one_row, c->head_row = head_row;
     c->logits = logits;
     for (int t = 0; t < nth; t++) c->tb[t].prep.x = NULL;
     /* embedding rows (cheap; done by the caller before the threads start) */
@@ -1122,6 +1125,34 @@ int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, cons
     }
     atomic_store(&c->bar.count, 0);
     pool_run(job, c, nth);
+    return 0;
+}
+
+int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, const int64_t *slot, const int64_t *pad,
+              int64_t row0, const int32_t *lslot, float *logits, int nth) {
+    return step(c, md, M, tok, slot, pad, row0, 0, -1, lslot, logits, nth);
+}
+
+/* The prefill of one sequence: tokens tok[0..T) at slots slot0.. of cache row `row` (pad: its leading padded slots,
+ * positions count from there), MAXM positions per step with causal attention inside each step; the LM head for the
+ * last position only: logits [vocab]. lslot: the row's LoRA slot (0: none). Returns 0, or -1 for bad arguments
+ * (nothing written). */
+int ss_prefill(ss_ctx *c, const ss_model *md, int64_t T, const int64_t *tok, int64_t slot0, int64_t pad, int64_t row,
+               int32_t lslot, float *logits, int nth) {
+    if (T < 1 || slot0 < 0 || pad < 0 || pad > slot0 || slot0 + T > md->cache_len || row < 0 || row >= md->cache_rows)
+        return -1;
+    for (int64_t i = 0; i < T; i++)
+        if (tok[i] < 0 || tok[i] >= md->vocab) return -1;
+    int64_t slot[MAXM], pads[MAXM];
+    int32_t ls[MAXM];
+    for (int64_t i = 0; i < T; i += MAXM) {
+        const int64_t n = T - i < MAXM ? T - i : MAXM;
+        for (int64_t m = 0; m < n; m++) slot[m] = slot0 + i + m, pads[m] = pad, ls[m] = lslot;
+        const int last = i + n == T;
+        if (step(c, md, n, tok + i, slot, pad ? pads : NULL, row, 1, last ? (int)n - 1 : -2, lslot ? ls : NULL, logits,
+                 nth) != 0)
+            return -1;
+    }
     return 0;
 }
 
@@ -1307,39 +1338,89 @@ static inline const float *cache_row(const char *base, const float *scales, int 
     return tmp;
 }
 
-/* Attention of row m's query heads of kv head kvh. Each cached K and V row is read (and converted) once for all
- * the group's query heads (GQA: 3 per kv head in SmolLM2), scores and softmax weights are vectorized. */
-static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, float *sc) {
+/* 8 sums of 8 vectors at once: lane r of the result = the sum of a[r]'s lanes */
+static inline __m256 hsum8x8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* Where row m's keys and values of kv head kvh live (its cache row: row0 + m, or row0 for every m when the rows are
+ * positions of one sequence, the prefill) */
+typedef struct {
+    char *kb, *vb;
+    float *ks, *vs;
+    int64_t s, lo;
+} att_at;
+
+static inline att_at att_where(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh) {
     const ss_model *md = c->md;
-    const int64_t hd = md->head_dim, S = md->cache_len, nkv = L->n_kv, nh = L->n_heads, g = nh / nkv;
-    const int64_t s = c->slot[m], p = c->pad ? c->pad[m] : 0, row = c->row0 + m;
-    const float *cs = c->cs + m * (hd / 2), *sn = c->sn + m * (hd / 2);
+    const int64_t hd = md->head_dim, S = md->cache_len, nkv = L->n_kv;
+    const int64_t row = c->one_row ? c->row0 : c->row0 + m, p = c->pad ? c->pad[m] : 0;
     const int dt = md->cache_dtype;
-    float *kk = c->k + m * nkv * hd + kvh * hd, *vv = c->v + m * nkv * hd + kvh * hd;
-    rope(kk, hd, cs, sn);
     const int64_t base = (row * nkv + kvh) * S * hd, sbase = (row * nkv + kvh) * S;
     const size_t esz = dt == C_F32 ? 4 : dt == C_I8 ? 1 : 2;
-    char *kb = (char *)L->kc + base * esz, *vb = (char *)L->vc + base * esz;
-    float *kscale = L->ks ? L->ks + sbase : NULL, *vscale = L->vs ? L->vs + sbase : NULL;
-    cache_put(kb, kscale, dt, s, hd, kk);
-    cache_put(vb, vscale, dt, s, hd, vv);
-    const int64_t lo = p <= s ? p : s; /* a padded query sees only itself */
-    const int64_t SP = S + 16;         /* row stride of the per-head score rows in sc */
-    float *tmp = sc + g * SP;
+    att_at a;
+    a.kb = (char *)L->kc + base * esz, a.vb = (char *)L->vc + base * esz;
+    a.ks = L->ks ? L->ks + sbase : NULL, a.vs = L->vs ? L->vs + sbase : NULL;
+    a.s = c->slot[m];
+    a.lo = p <= a.s ? p : a.s; /* a padded query sees only itself */
+    return a;
+}
+
+/* RoPE on row m's key of kv head kvh and its group's queries; the key and value into the cache at the row's slot */
+static void attn_write(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh) {
+    const ss_model *md = c->md;
+    const int64_t hd = md->head_dim, nkv = L->n_kv, nh = L->n_heads, g = nh / nkv;
+    const float *cs = c->cs + m * (hd / 2), *sn = c->sn + m * (hd / 2);
+    float *kk = c->k + m * nkv * hd + kvh * hd, *vv = c->v + m * nkv * hd + kvh * hd;
+    const att_at a = att_where(c, L, m, kvh);
+    rope(kk, hd, cs, sn);
+    cache_put(a.kb, a.ks, md->cache_dtype, a.s, hd, kk);
+    cache_put(a.vb, a.vs, md->cache_dtype, a.s, hd, vv);
+    for (int64_t qi = 0; qi < g; qi++) rope(c->q + m * nh * hd + (kvh * g + qi) * hd, hd, cs, sn);
+}
+
+/* Attention of row m's query heads of kv head kvh over its cached slots lo..s (attn_write has run for every row
+ * whose slots it reads). Cached rows are read (converted into tmp when not fp32) eight slots at a time, once for
+ * all the group's query heads (GQA: 3 per kv head in SmolLM2): eight scores come out of one transpose-sum, and the
+ * weighted values accumulate eight slots per load and store of the output. */
+static void attn_read(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, float *sc) {
+    const ss_model *md = c->md;
+    const int64_t hd = md->head_dim, S = md->cache_len, nkv = L->n_kv, nh = L->n_heads, g = nh / nkv;
+    const int dt = md->cache_dtype;
+    const att_at a = att_where(c, L, m, kvh);
+    const int64_t s = a.s, lo = a.lo;
+    const int64_t SP = S + 16; /* row stride of the per-head score rows in sc */
+    float *tmp = sc + g * SP;  /* 8 converted cache rows */
     const float scale = 1.f / sqrtf((float)hd);
-    float *qs[64];
-    for (int64_t qi = 0; qi < g; qi++) {
-        qs[qi] = c->q + m * nh * hd + (kvh * g + qi) * hd;
-        rope(qs[qi], hd, cs, sn);
-    }
-    for (int64_t j = lo; j <= s; j++) {
-        const float *kr = cache_row(kb, kscale, dt, j, hd, tmp);
+    const int vec = hd % 8 == 0;
+    const float *qs[64];
+    for (int64_t qi = 0; qi < g; qi++) qs[qi] = c->q + m * nh * hd + (kvh * g + qi) * hd;
+    const float *rows[8];
+    int64_t j = lo;
+    if (vec)
+        for (; j + 8 <= s + 1; j += 8) {
+            for (int r = 0; r < 8; r++) rows[r] = cache_row(a.kb, a.ks, dt, j + r, hd, tmp + r * hd);
+            for (int64_t qi = 0; qi < g; qi++) {
+                __m256 acc[8];
+                for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < hd; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qs[qi] + d);
+                    for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[r] + d), acc[r]);
+                }
+                _mm256_storeu_ps(sc + qi * SP + j, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+            }
+        }
+    for (; j <= s; j++) {
+        const float *kr = cache_row(a.kb, a.ks, dt, j, hd, tmp);
         for (int64_t qi = 0; qi < g; qi++) sc[qi * SP + j] = dot_f32(qs[qi], kr, hd) * scale;
     }
     for (int64_t qi = 0; qi < g; qi++) { /* softmax over slots lo..s, in place */
         float *r = sc + qi * SP;
         __m256 vm = _mm256_set1_ps(-INFINITY);
-        int64_t j = lo;
+        j = lo;
         for (; j + 8 <= s + 1; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(r + j));
         float mx = -INFINITY;
         {
@@ -1371,8 +1452,27 @@ static void attention(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
         float *out = c->att + m * nh * hd + (kvh * g + qi) * hd;
         for (int64_t d = 0; d < hd; d++) out[d] = 0.f;
     }
-    for (int64_t j = lo; j <= s; j++) {
-        const float *vr = cache_row(vb, vscale, dt, j, hd, tmp);
+    j = lo;
+    if (vec)
+        for (; j + 8 <= s + 1; j += 8) {
+            for (int r = 0; r < 8; r++) rows[r] = cache_row(a.vb, a.vs, dt, j + r, hd, tmp + r * hd);
+            for (int64_t qi = 0; qi < g; qi++) {
+                float *out = c->att + m * nh * hd + (kvh * g + qi) * hd;
+                const float *w = sc + qi * SP + j;
+                __m256 wv[8];
+                for (int r = 0; r < 8; r++) wv[r] = _mm256_set1_ps(w[r]);
+                for (int64_t d = 0; d < hd; d += 8) {
+                    __m256 o0 = _mm256_loadu_ps(out + d), o1 = _mm256_setzero_ps();
+                    for (int r = 0; r < 8; r += 2) {
+                        o0 = _mm256_fmadd_ps(wv[r], _mm256_loadu_ps(rows[r] + d), o0);
+                        o1 = _mm256_fmadd_ps(wv[r + 1], _mm256_loadu_ps(rows[r + 1] + d), o1);
+                    }
+                    _mm256_storeu_ps(out + d, _mm256_add_ps(o0, o1));
+                }
+            }
+        }
+    for (; j <= s; j++) {
+        const float *vr = cache_row(a.vb, a.vs, dt, j, hd, tmp);
         for (int64_t qi = 0; qi < g; qi++) {
             float *out = c->att + m * nh * hd + (kvh * g + qi) * hd;
             const __m256 w = _mm256_set1_ps(sc[qi * SP + j]);
@@ -1453,7 +1553,15 @@ static void job(void *arg, int tid, int nth) {
             barrier(&c->bar, nth, &sense);
             PT(7);
             const int64_t items = M * L->n_kv;
-            for (int64_t it = tid; it < items; it += nth) attention(c, L, it / L->n_kv, (int)(it % L->n_kv), tb->sc);
+            if (c->one_row) { /* positions of one sequence: every key and value in the cache before any is read */
+                for (int64_t it = tid; it < items; it += nth) attn_write(c, L, it / L->n_kv, (int)(it % L->n_kv));
+                barrier(&c->bar, nth, &sense);
+                for (int64_t it = tid; it < items; it += nth) attn_read(c, L, it / L->n_kv, (int)(it % L->n_kv), tb->sc);
+            } else
+                for (int64_t it = tid; it < items; it += nth) {
+                    attn_write(c, L, it / L->n_kv, (int)(it % L->n_kv));
+                    attn_read(c, L, it / L->n_kv, (int)(it % L->n_kv), tb->sc);
+                }
             PT(1);
             barrier(&c->bar, nth, &sense);
             PT(7);
@@ -1491,10 +1599,12 @@ static void job(void *arg, int tid, int nth) {
             PT(7);
         }
     }
-    rmsnorm(c->x, md->norm, tb->xn, M, H, md->eps);
+    if (c->head_row == -2) return; /* a prefill step before the last: no logits */
+    const int64_t hm = c->head_row >= 0 ? 1 : M;
+    rmsnorm(c->x + (c->head_row >= 0 ? c->head_row * H : 0), md->norm, tb->xn, hm, H, md->eps);
     p->x = NULL;
-    prepare(p, &md->head, tb->xn, M, i8);
+    prepare(p, &md->head, tb->xn, hm, i8);
     slice(md->vocab, tid, nth, &n0, &n1);
-    lin_rows(&md->head, p, tb->xn, M, n0, n1, c->logits, md->vocab, 0);
+    lin_rows(&md->head, p, tb->xn, hm, n0, n1, c->logits, md->vocab, 0);
     PT(5);
 }

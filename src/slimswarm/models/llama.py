@@ -528,6 +528,12 @@ class CausalLM(nn.Module):
             step = native.step_for(self)  # one C call for the whole decoder (kernels/decode.c), or None
             if step is not None:
                 return step.decode(self, tokens[:, 0], slots[:, 0], pad, row0)[:, None].to(self.dtype)
+        if t > 1 and cached and last_only and not hidden_only and not torch.is_grad_enabled():
+            step = native.prefill_step(self)  # the prompt through the same C step, 8 positions a call
+            if step is not None:
+                got = self._native_prefill(step, tokens, start, pad, row0)
+                if got is not None:
+                    return got
         pos = slots if pad is None else (slots - pad[:, None]).clamp_min(0)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(pos, x.dtype)
@@ -550,6 +556,21 @@ class CausalLM(nn.Module):
         if hidden_only:
             return x
         return self.lm_head(x)
+
+    def _native_prefill(self, step, tokens, start, pad, row0: int) -> torch.Tensor | None:
+        """Last-position logits [B, 1, vocab] of a prefill, each row through ``step.prefill`` (its padded slots are
+        not written: no query attends to them); None (the Python path) when a row is all padding."""
+        b, t = tokens.shape
+        lslots = step.lora_slots(b)
+        out = []
+        for i in range(b):
+            s = int(start[i]) if isinstance(start, torch.Tensor) else int(start)
+            p = int(pad[i]) if pad is not None else 0
+            skip = max(0, p - s)
+            if skip >= t:
+                return None
+            out.append(step.prefill(self, tokens[i, skip:], s + skip, p, row0 + i, lslots[i]))
+        return torch.stack(out)[:, None].to(self.dtype)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
