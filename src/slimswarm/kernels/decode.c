@@ -1395,7 +1395,7 @@ static void attn_read(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
     const int64_t SP = S + 16; /* row stride of the per-head score rows in sc */
     float *tmp = sc + g * SP;  /* 8 converted cache rows */
     const float scale = 1.f / sqrtf((float)hd);
-    const int vec = hd % 8 == 0;
+    const int vec = hd % 16 == 0;
     const float *qs[64];
     for (int64_t qi = 0; qi < g; qi++) qs[qi] = c->q + m * nh * hd + (kvh * g + qi) * hd;
     const float *rows[8];
@@ -1405,10 +1405,13 @@ static void attn_read(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
             for (int r = 0; r < 8; r++) rows[r] = cache_row(a.kb, a.ks, dt, j + r, hd, tmp + r * hd);
             for (int64_t qi = 0; qi < g; qi++) {
                 __m256 acc[8];
-                for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
-                for (int64_t d = 0; d < hd; d += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qs[qi] + d);
-                    for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[r] + d), acc[r]);
+                for (int r = 0; r < 8; r++) { /* each cached row read front to back (the prefetchers' order) */
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+                    for (int64_t d = 0; d < hd; d += 16) {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qs[qi] + d), _mm256_loadu_ps(rows[r] + d), a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qs[qi] + d + 8), _mm256_loadu_ps(rows[r] + d + 8), a1);
+                    }
+                    acc[r] = _mm256_add_ps(a0, a1);
                 }
                 _mm256_storeu_ps(sc + qi * SP + j, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
             }
@@ -1461,14 +1464,21 @@ static void attn_read(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh, fl
                 const float *w = sc + qi * SP + j;
                 __m256 wv[8];
                 for (int r = 0; r < 8; r++) wv[r] = _mm256_set1_ps(w[r]);
-                for (int64_t d = 0; d < hd; d += 8) {
-                    __m256 o0 = _mm256_loadu_ps(out + d), o1 = _mm256_setzero_ps();
-                    for (int r = 0; r < 8; r += 2) {
-                        o0 = _mm256_fmadd_ps(wv[r], _mm256_loadu_ps(rows[r] + d), o0);
-                        o1 = _mm256_fmadd_ps(wv[r + 1], _mm256_loadu_ps(rows[r + 1] + d), o1);
+                if (hd == 64) { /* the output in registers, each cached row read front to back */
+                    __m256 o[8];
+                    for (int k = 0; k < 8; k++) o[k] = _mm256_loadu_ps(out + 8 * k);
+                    for (int r = 0; r < 8; r++)
+                        for (int k = 0; k < 8; k++) o[k] = _mm256_fmadd_ps(wv[r], _mm256_loadu_ps(rows[r] + 8 * k), o[k]);
+                    for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + 8 * k, o[k]);
+                } else
+                    for (int64_t d = 0; d < hd; d += 8) {
+                        __m256 o0 = _mm256_loadu_ps(out + d), o1 = _mm256_setzero_ps();
+                        for (int r = 0; r < 8; r += 2) {
+                            o0 = _mm256_fmadd_ps(wv[r], _mm256_loadu_ps(rows[r] + d), o0);
+                            o1 = _mm256_fmadd_ps(wv[r + 1], _mm256_loadu_ps(rows[r + 1] + d), o1);
+                        }
+                        _mm256_storeu_ps(out + d, _mm256_add_ps(o0, o1));
                     }
-                    _mm256_storeu_ps(out + d, _mm256_add_ps(o0, o1));
-                }
             }
         }
     for (; j <= s; j++) {
