@@ -362,8 +362,7 @@ class Engine:
                 for i, (r, ids, h) in enumerate(zip(reqs, rest, hits)):
                     self._set_adapters([r])
                     logits.append(self.model(torch.tensor([ids], device=dev), h, None, last_only=True,
-                                             row0=row0 + i)[0, -1])
-                logits = torch.stack(logits)
+                                             row0=row0 + i)[0, -1])  # (no stack: see NativeStep.prefill's out)
             else:
                 x = torch.zeros(len(reqs), t, dtype=torch.long, device=dev)
                 for i, ids in enumerate(rest):

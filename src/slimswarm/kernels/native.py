@@ -393,15 +393,21 @@ class NativeStep:
                              f"{sl.tolist()}, cache {self.model_struct.cache_rows}x{self.model_struct.cache_len})")
         return out
 
-    def prefill(self, model, tokens: torch.Tensor, start: int, pad: int, row: int, lslot: int = 0) -> torch.Tensor:
+    def prefill(self, model, tokens: torch.Tensor, start: int, pad: int, row: int, lslot: int = 0,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [vocab] (fp32) of the last of ``tokens`` [T] (one sequence) after writing all of them at cache slots
         start..start+T-1 of row ``row`` (kernels/decode.c ss_prefill: 8 positions per step, causal inside each);
-        ``pad``: the row's leading padded slots (positions count from there); ``lslot``: its LoRA slot (0: none)."""
+        ``pad``: the row's leading padded slots (positions count from there); ``lslot``: its LoRA slot (0: none);
+        ``out``: a contiguous fp32 [vocab] to write the logits into (no copy afterwards: a torch copy or stack of
+        this size opens an OpenMP region whose spinning threads then slow the next C call)."""
         self._bind_caches(model)
         nth = max(1, torch.get_num_threads())
         ctx = self._context(nth)
         tok = tokens.reshape(-1).to(torch.int64).contiguous()
-        out = torch.empty(self.vocab, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(self.vocab, dtype=torch.float32)
+        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != self.vocab:
+            raise ValueError(f"prefill out: a contiguous fp32 tensor of {self.vocab} values, got {out.dtype} {tuple(out.shape)}")
         rc = self.lib.ss_prefill(ctx, ctypes.byref(self.model_struct), tok.numel(), tok.data_ptr(), start, pad, row,
                                  lslot, out.data_ptr(), nth)
         if rc != 0:

@@ -562,15 +562,18 @@ class CausalLM(nn.Module):
         not written: no query attends to them); None (the Python path) when a row is all padding."""
         b, t = tokens.shape
         lslots = step.lora_slots(b)
-        out = []
+        rows = []
         for i in range(b):
             s = int(start[i]) if isinstance(start, torch.Tensor) else int(start)
             p = int(pad[i]) if pad is not None else 0
             skip = max(0, p - s)
             if skip >= t:
                 return None
-            out.append(step.prefill(self, tokens[i, skip:], s + skip, p, row0 + i, lslots[i]))
-        return torch.stack(out)[:, None].to(self.dtype)
+            rows.append((s + skip, p, skip))
+        out = torch.empty((b, 1, self.config.vocab_size), dtype=torch.float32)
+        for i, (s, p, skip) in enumerate(rows):
+            step.prefill(self, tokens[i, skip:], s, p, row0 + i, lslots[i], out=out[i, 0])
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
