@@ -212,6 +212,30 @@ def test_mixed_adapters_in_one_call_on_a_quantized_base():
     assert (with_a[:, 1] - without[:, 1]).abs().max() <= TOL
 
 
+def test_a_bf16_adapter_bank_halves_its_bytes_and_both_paths_read_it_alike():
+    """AdapterBank(dtype=bf16): each adapter weight rounded once to bf16, the math in fp32 on both paths, so the native
+    step still matches the Python path within TOL (mixed rows on a 4-bit base); half the bytes; the logits move from
+    the fp32 bank's by the rounding alone."""
+    m = _model()
+    adapters = _adapters(m)
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+    rows = ["a0", None, "a2", "a1"]
+    m32 = copy.deepcopy(m)
+    bank32 = AdapterBank(m32, adapters)
+    f32 = _decode(m32, PROMPTS, bank=bank32, rows_adapters=rows)
+    n32 = bank32.nbytes()
+    bank = AdapterBank(m, adapters, dtype=torch.bfloat16)
+    assert bank.nbytes() * 2 == n32
+    step = native.step_for(m)
+    assert step is not None and step.layers[0].q.lora_bf16 == 1
+    _assert_parity(m, bank=bank, rows_adapters=rows)
+    b16 = _decode(m, PROMPTS, bank=bank, rows_adapters=rows)
+    drift = (b16 - f32).abs().max().item()
+    assert 0 < drift < 0.02, drift
+    with pytest.raises(Exception, match="adapter bank dtype"):
+        AdapterBank(m, None, dtype=torch.float16)
+
+
 def test_greedy_64_steps_identical_to_python_on_stories260k(stories):
     model = stories.model
     prompts = [stories.tokenizer.encode(p) for p in ("Once upon a time", "The little dog", "Lily and Tom went")]

@@ -274,12 +274,12 @@ class MultiLoRALinear(nn.Module):
     read each adapter once per call, instead of gathering per-row copies of A and B (which cost a copy of B·R·(in+out)
     floats per linear per step). With far more adapters than rows the gather is cheaper, and is used."""
 
-    def __init__(self, base: nn.Module, rows: _Rows):
+    def __init__(self, base: nn.Module, rows: _Rows, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.base, self.rows = base, rows
+        self.base, self.rows, self.dtype = base, rows, dtype
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.A_cat = torch.zeros(1, self.in_features)
-        self.Bt_cat = torch.zeros(1, self.out_features)
+        self.A_cat = torch.zeros(1, self.in_features, dtype=dtype)
+        self.Bt_cat = torch.zeros(1, self.out_features, dtype=dtype)
 
     @property
     def B_cat(self) -> torch.Tensor:
@@ -298,8 +298,8 @@ class MultiLoRALinear(nn.Module):
                   device) -> None:
         """Rebuild from per-adapter (A, scaled B); None marks an adapter that does not touch this linear."""
         n = len(a_list) + 1
-        A = torch.zeros(n * r, self.in_features, device=device)
-        Bt = torch.zeros(n * r, self.out_features, device=device)
+        A = torch.zeros(n * r, self.in_features, device=device, dtype=self.dtype)
+        Bt = torch.zeros(n * r, self.out_features, device=device, dtype=self.dtype)
         for i, (a, b) in enumerate(zip(a_list, b_list), 1):
             if a is not None:
                 k = min(a.shape[0], r)  # ranks above r are zero padding of an older, wider stack
@@ -314,17 +314,18 @@ class MultiLoRALinear(nn.Module):
             if rows.uniform == 0:
                 return y
             a, b = self.slot(rows.uniform)
-            return y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype)
+            return y + F.linear(F.linear(x.float(), a.float()), b.float()).to(y.dtype)
         ids = rows.ids
         if x.shape[0] != ids.shape[0]:
             raise SlimswarmError(f"adapter rows set for {ids.shape[0]} rows, batch has {x.shape[0]}")
-        x3 = x.reshape(x.shape[0], -1, self.in_features).to(self.A_cat.dtype)
+        # fp32 math whatever the stacks' storage (a bf16 bank's values are widened, as the native step does)
+        x3 = x.reshape(x.shape[0], -1, self.in_features).float()
         if rows.mask is not None:
-            d = F.linear(F.linear(x3, self.A_cat) * rows.mask, self.B_cat)
+            d = F.linear(F.linear(x3, self.A_cat.float()) * rows.mask, self.B_cat.float())
         else:
             r = rows.r
-            a = self.A_cat.view(-1, r, self.in_features)[ids]  # [B, R, in]
-            b = self.B_cat.view(self.out_features, -1, r)[:, ids].permute(1, 0, 2)  # [B, out, R]
+            a = self.A_cat.view(-1, r, self.in_features)[ids].float()  # [B, R, in]
+            b = self.B_cat.view(self.out_features, -1, r)[:, ids].permute(1, 0, 2).float()  # [B, out, R]
             d = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
         return y + d.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
@@ -332,11 +333,16 @@ class MultiLoRALinear(nn.Module):
 class AdapterBank:
     """Many LoRA adapters resident on one base: ``set_rows([name or None, ...])`` before each forward.
 
-    Adapters live only in the stacked fp32 matrices of the wrapped linears (one copy); the base stays shared and
-    unchanged (float or quantized)."""
+    Adapters live only in the stacked matrices of the wrapped linears (one copy, fp32 or bf16); the base stays shared
+    and unchanged (float or quantized)."""
 
-    def __init__(self, model: nn.Module, adapters: dict[str, object] | None = None):
-        self.model = model
+    def __init__(self, model: nn.Module, adapters: dict[str, object] | None = None,
+                 dtype: torch.dtype = torch.float32):
+        """``dtype``: the stacks' storage, fp32 (exact) or bf16 (half the bytes resident and streamed per decode step;
+        each adapter weight rounded once, the math stays fp32)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise SlimswarmError(f"adapter bank dtype {dtype}: use torch.float32 or torch.bfloat16")
+        self.model, self.dtype = model, dtype
         self._rows = _Rows()
         self._cfgs: dict[str, LoRAConfig] = {}
         self._ranks: dict[str, int] = {}
@@ -375,7 +381,7 @@ class AdapterBank:
         for m in mods:
             if m not in self._wrapped:
                 lin = self.model.get_submodule(m)
-                wrapped = MultiLoRALinear(lin, self._rows)
+                wrapped = MultiLoRALinear(lin, self._rows, self.dtype)
                 wrapped.set_slots([None] * len(self._cfgs), [None] * len(self._cfgs), self._rows.r, _device_of(lin))
                 _set(self.model, m, wrapped)
                 self._wrapped[m] = wrapped

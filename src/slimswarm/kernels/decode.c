@@ -30,12 +30,12 @@ enum { F_F32 = 0, F_BF16 = 1, F_Q8 = 2, F_Q4 = 3 };
 enum { C_F32 = 0, C_BF16 = 1, C_F16 = 2, C_I8 = 3 }; /* KV cache storage */
 
 typedef struct {
-    int32_t fmt, pad_;
+    int32_t fmt, lora_bf16;       /* lora_bf16: the adapter stacks below hold bf16 (else fp32) */
     int64_t N, K, gs;             /* out, in, group size (quantized) */
     const void *w;                /* fp32 / bf16 [N,K]; uint8 codes [N,K] (Q8) or [N,K/2] low nibble = even column */
     const float *scale, *zero;    /* quantized: fp32 [N, K/gs]; w = (q - zero) * scale */
     const float *bias;            /* [N] or NULL */
-    const float *lora_a, *lora_b; /* A [slots*R, K], B transposed [slots*R, N] (scaling folded in) or NULL */
+    const void *lora_a, *lora_b;  /* A [slots*R, K], B transposed [slots*R, N] (scaling folded in) or NULL */
     int64_t lora_ld;              /* the row stride of B^T (N) */
     /* 4-bit codes repacked for the int8-activation loop (q4_i8_rows8), or NULL: blocks of 8 rows x 8 columns, 32
      * bytes each, [N/8][K/8][8 rows][4]: byte 4r + j holds column 8b + j (low nibble) and 8b + 4 + j (high) of row
@@ -1218,17 +1218,32 @@ int64_t ss_decode_greedy(ss_ctx *c, const ss_model *md, int64_t M, const int64_t
     return i;
 }
 
-/* the LoRA term of rows n0..n1 of L for every row m with a slot: y[m, n] += B[n, slot] . (A[slot] x_m) */
+/* 8 floats of a LoRA B^T row (fp32 or bf16) */
+static inline __m256 lora_ld8(const void *b, int bf, int64_t n) {
+    return bf ? load_bf16((const uint16_t *)b + n) : _mm256_loadu_ps((const float *)b + n);
+}
+
+static inline float lora_ld1(const void *b, int bf, int64_t n) {
+    return bf ? bf16f(((const uint16_t *)b)[n]) : ((const float *)b)[n];
+}
+
+/* the LoRA term of rows n0..n1 of L for every row m with a slot: y[m, n] += B[n, slot] . (A[slot] x_m); the stacks
+ * in fp32 or bf16 (L->lora_bf16: half the bytes a step streams, converted to fp32 in registers) */
 static void lora_add(const ss_ctx *c, const ss_lin *L, const float *x, float *lt, int64_t n0, int64_t n1, float *y,
                      int64_t ys) {
     if (!L->lora_a || !c->lslot) return;
-    const int64_t R = c->md->lora_r, K = L->K;
+    const int64_t R = c->md->lora_r, K = L->K, ld = L->lora_ld;
+    const int bf = L->lora_bf16;
+    const size_t esz = bf ? 2 : 4;
     int any = 0;
     for (int64_t m = 0; m < c->M; m++) {
         const int s = c->lslot[m];
         if (!s) continue;
         any = 1;
-        for (int64_t r = 0; r < R; r++) lt[m * R + r] = dot_f32(L->lora_a + (s * R + r) * K, x + m * K, K);
+        for (int64_t r = 0; r < R; r++) {
+            const char *a = (const char *)L->lora_a + (size_t)((s * R + r) * K) * esz;
+            lt[m * R + r] = bf ? dot_bf16((const uint16_t *)a, x + m * K, K) : dot_f32((const float *)a, x + m * K, K);
+        }
     }
     if (!any) return;
     /* y[m, n0:n1] += sum_r lt[m, r] * B^T[s*R + r, n0:n1]: contiguous axpys, four ranks per pass over y */
@@ -1238,24 +1253,26 @@ static void lora_add(const ss_ctx *c, const ss_lin *L, const float *x, float *lt
         float *yr = y + m * ys;
         int64_t r = 0;
         for (; r + 4 <= R; r += 4) {
-            const float *b0 = L->lora_b + (s * R + r) * L->lora_ld, *b1 = b0 + L->lora_ld, *b2 = b1 + L->lora_ld,
-                        *b3 = b2 + L->lora_ld;
+            const char *b0 = (const char *)L->lora_b + (size_t)((s * R + r) * ld) * esz, *b1 = b0 + ld * esz,
+                       *b2 = b1 + ld * esz, *b3 = b2 + ld * esz;
             const float l0 = lt[m * R + r], l1 = lt[m * R + r + 1], l2 = lt[m * R + r + 2], l3 = lt[m * R + r + 3];
             const __m256 v0 = _mm256_set1_ps(l0), v1 = _mm256_set1_ps(l1), v2 = _mm256_set1_ps(l2), v3 = _mm256_set1_ps(l3);
             int64_t n = n0;
             for (; n + 8 <= n1; n += 8) {
-                __m256 t = _mm256_mul_ps(v0, _mm256_loadu_ps(b0 + n));
-                t = _mm256_fmadd_ps(v1, _mm256_loadu_ps(b1 + n), t);
-                t = _mm256_fmadd_ps(v2, _mm256_loadu_ps(b2 + n), t);
-                t = _mm256_fmadd_ps(v3, _mm256_loadu_ps(b3 + n), t);
+                __m256 t = _mm256_mul_ps(v0, lora_ld8(b0, bf, n));
+                t = _mm256_fmadd_ps(v1, lora_ld8(b1, bf, n), t);
+                t = _mm256_fmadd_ps(v2, lora_ld8(b2, bf, n), t);
+                t = _mm256_fmadd_ps(v3, lora_ld8(b3, bf, n), t);
                 _mm256_storeu_ps(yr + n, _mm256_add_ps(_mm256_loadu_ps(yr + n), t));
             }
-            for (; n < n1; n++) yr[n] += l0 * b0[n] + l1 * b1[n] + l2 * b2[n] + l3 * b3[n];
+            for (; n < n1; n++)
+                yr[n] += l0 * lora_ld1(b0, bf, n) + l1 * lora_ld1(b1, bf, n) + l2 * lora_ld1(b2, bf, n) +
+                         l3 * lora_ld1(b3, bf, n);
         }
         for (; r < R; r++) {
-            const float *b = L->lora_b + (s * R + r) * L->lora_ld;
+            const char *b = (const char *)L->lora_b + (size_t)((s * R + r) * ld) * esz;
             const float l = lt[m * R + r];
-            for (int64_t n = n0; n < n1; n++) yr[n] += l * b[n];
+            for (int64_t n = n0; n < n1; n++) yr[n] += l * lora_ld1(b, bf, n);
         }
     }
 }

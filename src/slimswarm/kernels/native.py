@@ -139,7 +139,7 @@ def library(isa: str | None = None) -> ctypes.CDLL:
 
 # ---------------------------------------------------------------------------------------------------- C structs
 class _Lin(ctypes.Structure):
-    _fields_ = [("fmt", ctypes.c_int32), ("pad_", ctypes.c_int32), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+    _fields_ = [("fmt", ctypes.c_int32), ("lora_bf16", ctypes.c_int32), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
                 ("gs", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lora_a", ctypes.c_void_p),
                 ("lora_b", ctypes.c_void_p), ("lora_ld", ctypes.c_int64), ("wr", ctypes.c_void_p),
@@ -317,12 +317,14 @@ class NativeStep:
             elif mod.rows is not self.rows_obj:
                 raise Unsupported(f"{name}: adapters from two different adapter banks")
             a, bt = mod.A_cat, mod.Bt_cat
-            if a.dtype != torch.float32 or bt.dtype != torch.float32 or a.shape[1] != k or bt.shape[1] != n:
-                raise Unsupported(f"{name}: adapter stack A {tuple(a.shape)} / B^T {tuple(bt.shape)} for out={n}, "
-                                  f"in={k}")
+            if (a.dtype != bt.dtype or a.dtype not in (torch.float32, torch.bfloat16) or a.shape[1] != k
+                    or bt.shape[1] != n):
+                raise Unsupported(f"{name}: adapter stack A {tuple(a.shape)} {a.dtype} / B^T {tuple(bt.shape)} "
+                                  f"{bt.dtype} for out={n}, in={k} (fp32 or bf16)")
             a, bt = a.contiguous(), bt.contiguous()
             keep += [a, bt]
             lin.lora_a, lin.lora_b, lin.lora_ld = _ptr(a), _ptr(bt), bt.shape[1]
+            lin.lora_bf16 = int(a.dtype == torch.bfloat16)
         d = _weight_of(base, name)
         _fill(lin, d, n, k, name, keep)
         want = d["fmt"] in self._repack or (d["fmt"] == "q8" and name == "lm_head" and "head" in self._repack)
