@@ -200,3 +200,26 @@ def test_int8_activation_prefill_equals_a_python_emulation_of_its_rounding(bits,
     err, effect = (nat - emu).abs().max().item(), (nat - exact).abs().max().item()
     assert effect > 100 * TOL and err <= 0.1 * effect, (err, effect)
     assert (kv_nat - kv_emu).abs().max().item() <= 1e-4
+
+
+def test_native_prefill_on_the_forced_avx2_build(monkeypatch):
+    """The AVX2-only build (SLIMSWARM_ISA=avx2: no VNNI, maddubs for 4-bit x int8) prefills like the Python path
+    (exact mode) and like the default build (int8 activations, to the rounding-boundary bound of the emulation test)."""
+    m = _model(seed=8)
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=32, head_bits=8))
+    toks = [(13 * i + 7) % 96 for i in range(17)]
+    native.set_act_int8(m, False)
+    py, _ = _prefill(m, toks, 0, [], 0, False)
+    monkeypatch.setenv("SLIMSWARM_ISA", "avx2")
+    native.reset(m)
+    nat, _ = _prefill(m, toks, 0, [], 0, True)
+    assert native.step_for(m).isa == "avx2"
+    assert (py - nat).abs().max().item() <= TOL
+    native.set_act_int8(m, True)
+    native.reset(m)
+    forced8, _ = _prefill(m, toks, 0, [], 0, True)
+    monkeypatch.delenv("SLIMSWARM_ISA")
+    native.reset(m)
+    default8, _ = _prefill(m, toks, 0, [], 0, True)
+    native.set_act_int8(m, False)
+    assert (forced8 - default8).abs().max().item() <= 0.1 * (default8 - py).abs().max().item()
