@@ -264,9 +264,63 @@ def test_repacked_copies_are_counted_in_the_planners_memory():
         extra = add_layout(v, m).native_copy_bytes
     finally:
         native.set_act_int8(m, False)
-    assert codes + head <= extra <= 1.3 * (codes + head)  # + fp32 scale and zero point per block group (8 B / 64)
+    # the repacked 4-bit codes replace the stored ones (released while the copy serves, see the next test): what the
+    # step adds is the repacked int8 head + an fp32 scale and zero point per block group (8 B / 64 weights)
+    assert head <= extra <= head + 0.3 * (codes + head)
     cost = SimpleNamespace(runtime_bytes=10, load_overhead_bytes=5)
     assert predicted_peak_bytes(v, cost, 1, 1) == 10 + 5 + 1 + extra + 1
+
+
+def test_released_codes_are_rebuilt_exactly_wherever_they_are_needed(tmp_path):
+    """With int8 activations the step frees each decoder layer's stored 4-bit codes while its repacked copy serves:
+    decoding is unchanged; the Python path, the state dict (save / load), codes() and a deep copy rebuild the exact
+    stored bytes; SLIMSWARM_NATIVE_RELEASE=0 keeps both copies."""
+    from slimswarm.compress.quant.linear import QuantLinear
+
+    m = _model()
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+    lins = {n: mod for n, mod in m.named_modules() if isinstance(mod, QuantLinear)}
+    stored = {n: mod.qweight.clone() for n, mod in lins.items()}
+    before = _decode(m, PROMPTS)  # exact mode: nothing repacked, nothing released
+    assert not any(mod.codes_released for mod in lins.values())
+    def native_steps(model):  # one-token forwards only: every one through the native step
+        model.setup_cache(4, 8)
+        with torch.inference_mode():
+            out = [model(torch.tensor([[3], [7], [11], [5]]), torch.tensor([0, 1, 2, 3]) + j)[:, -1] for j in range(4)]
+        model.clear_cache()
+        return torch.stack(out)
+
+    native.set_act_int8(m, True)
+    try:
+        keep_both = copy.deepcopy(m)
+        os.environ["SLIMSWARM_NATIVE_RELEASE"] = "0"
+        try:
+            ref8 = native_steps(keep_both)
+            assert not any(mod.codes_released for mod in keep_both.modules() if isinstance(mod, QuantLinear))
+        finally:
+            os.environ.pop("SLIMSWARM_NATIVE_RELEASE")
+        got8 = native_steps(m)
+        st = native.step_for(m)
+        released = [n for n, mod in lins.items() if mod.codes_released]
+        assert released and all(n.startswith("model.layers.") for n in released) and "lm_head" not in released
+        assert st.released_bytes == sum(stored[n].numel() for n in released)
+        assert all(lins[n].qweight.numel() == 0 for n in released)
+        assert torch.equal(got8, ref8)  # the step never read the freed codes
+        sd = m.state_dict()  # the state dict holds the codes, the module stays released
+        assert all(torch.equal(sd[f"{n}.qweight"], stored[n]) for n in lins)
+        assert all(lins[n].codes_released for n in released)
+        torch.save(sd, tmp_path / "sd.pt")
+        fresh = copy.deepcopy(keep_both)
+        fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))
+        assert all(torch.equal(mod.qweight, stored[n]) for n, mod in fresh.named_modules() if n in stored)
+        twin = copy.deepcopy(m)  # a copy carries real codes
+        assert all(torch.equal(mod.qweight, stored[n]) for n, mod in twin.named_modules() if n in stored)
+    finally:
+        native.set_act_int8(m, False)
+    after = _decode(m, PROMPTS, on=False)  # the Python path rebuilds each layer's codes on first use
+    assert (after - before).abs().max().item() <= TOL
+    assert not any(mod.codes_released for mod in lins.values())
+    assert all(torch.equal(mod.qweight, stored[n]) for n, mod in lins.items())
 
 
 def test_argmax_rows_in_c_equals_torch_argmax():

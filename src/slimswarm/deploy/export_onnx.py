@@ -79,7 +79,7 @@ def _linear(g: _Graph, x: str, m, base: str) -> str:
     bias = getattr(m, "bias", None)
     if isinstance(m, QuantLinear) and m.bits == 4 and m.group_size >= 16 and m.group_size & (m.group_size - 1) == 0:
         n, k, bs = m.out_features, m.in_features, m.group_size
-        b = g.const(m.qweight.numpy().reshape(n, k // bs, bs // 2), base + ".qweight")
+        b = g.const(m.packed_codes().numpy().reshape(n, k // bs, bs // 2), base + ".qweight")
         s = g.const(m.scales.float().numpy().reshape(-1), base + ".scales")
         z = g.const(_pack_zero_points(m.zeros), base + ".zeros")
         y = g.op("MatMulNBits", [x, b, s, z], base, domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)

@@ -14,6 +14,7 @@ fp32 scale/zero caches (``QuantLinear.native_weight``), the adapter bank's stack
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -173,6 +174,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def unrepack_q4(wr: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The stored 4-bit layout [n, k/2] (low nibble: even column) of ``ss_repack_q4``'s blocks: the inverse."""
+    b = wr.view(n // 8, k // 8, 8, 4)
+    codes = torch.cat([b & 15, b >> 4], -1)  # [n/8, k/8, 8 rows, 8 columns]: 8c..8c+3 low, 8c+4..8c+7 high
+    codes = codes.permute(0, 2, 1, 3).reshape(n, k)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
 def _weight_of(mod: nn.Module, name: str) -> dict:
     """Format descriptor of one linear (or embedding table); raises Unsupported naming the module."""
     if hasattr(mod, "native_weight"):  # QuantLinear (compress/quant/linear.py)
@@ -260,6 +269,7 @@ class NativeStep:
             rp -= {"q8", "head"}
         self._repack = rp if _act_int8(model) else set()
         self.repacked_bytes = 0
+        self.released_bytes = 0  # stored codes freed while the repacked copy serves (see _fill_linear)
         self.loras: list[tuple[_Lin, nn.Module]] = []
         self._head_mod, self._layer_mods = self._fill_linear(m.head, model.lm_head, cfg.vocab_size, h, "lm_head",
                                                              keep), []
@@ -329,7 +339,19 @@ class NativeStep:
         _fill(lin, d, n, k, name, keep)
         want = d["fmt"] in self._repack or (d["fmt"] == "q8" and name == "lm_head" and "head" in self._repack)
         if want and n % 8 == 0 and k % 8 == 0 and int(d["group_size"]) % 32 == 0:
-            self._repack_codes(lin, d, n, k, keep)
+            wr = self._repack_codes(lin, d, n, k, keep)
+            # A decoder layer's stored 4-bit codes are freed while the repacked copy serves (the step reads only
+            # it when int8 activations are on; the Python kernels, saving and exports rebuild the stored layout on
+            # first use): one copy of the codes resident, not two. Not the head (the embedding lookup reads it),
+            # not 8-bit codes (the one-row loop reads the stored layout). SLIMSWARM_NATIVE_RELEASE=0 keeps both.
+            if (d["fmt"] == "q4" and name.startswith("model.layers.") and hasattr(base, "release_codes")
+                    and d["codes"].data_ptr() == base.packed_codes().data_ptr()
+                    and os.environ.get("SLIMSWARM_NATIVE_RELEASE", "1") not in ("0", "false", "off", "no")):
+                lin.w = None  # (never read with the repacked copy; a stale pointer would be worse than none)
+                codes = d.pop("codes")
+                keep[:] = [t for t in keep if t is not codes]
+                del codes
+                self.released_bytes += base.release_codes(functools.partial(unrepack_q4, wr, n, k))
         return mod
 
     def _repack_codes(self, lin: _Lin, d: dict, n: int, k: int, keep: list) -> None:
@@ -345,6 +367,7 @@ class NativeStep:
         keep += [wr, scr, zpr]
         lin.wr, lin.scr, lin.zpr = wr.data_ptr(), scr.data_ptr(), zpr.data_ptr()
         self.repacked_bytes += wr.numel() + 4 * (scr.numel() + zpr.numel())
+        return wr
 
     # ------------------------------------------------------------------ per call
     def _bind_caches(self, model) -> None:
@@ -566,7 +589,9 @@ def step_for(model) -> NativeStep | None:
         _steps[model] = (str(e), sig)
         warn_once(str(e))
         return None
-    _steps[model] = (st, sig)
+    # the signature again: building reads the layers' lazily made fp32 scale caches, which are part of it (with the
+    # one from before, the next call rebuilt the step once more: a second repacked copy of the codes for a while)
+    _steps[model] = (st, signature(model))
     return st
 
 
@@ -586,11 +611,12 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
 
 def copy_bytes(model) -> int:
     """Resident bytes the native step adds to ``model``'s weights: the repacked copies of its quantized codes (while
-    int8 activations are on, the default), 0 where the step does not apply."""
+    int8 activations are on, the default) less the stored codes it frees meanwhile, 0 where the step does not apply."""
     try:
-        return NativeStep(model).repacked_bytes
+        st = NativeStep(model)
     except Unsupported:
         return 0
+    return st.repacked_bytes - st.released_bytes
 
 
 def reset(model) -> None:

@@ -84,6 +84,8 @@ def _tiny_group(group_size: int) -> int | None:
 
 
 class QuantLinear(nn.Module):
+    _restore = None  # (instances set their own in __init__; this covers modules unpickled from older versions)
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
                  device=None, *, act_quant: bool = False, low_memory: bool = False):
         super().__init__()
@@ -92,6 +94,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = check_grouping(in_features, group_size)
         self._cache: dict = {}  # kernel-specific copies and dispatch choices, built lazily, never in the state dict
+        self._restore = None  # set while the packed codes are released (``release_codes``): rebuilds them
         self._act_quant, self._low_memory = act_quant, low_memory
         g = in_features // self.group_size
         self.register_buffer("qweight", torch.zeros(out_features, packed_len(in_features, bits), dtype=torch.uint8,
@@ -146,8 +149,34 @@ class QuantLinear(nn.Module):
             m.bias.data = bias.detach().float().clone()
         return m
 
+    def release_codes(self, restore) -> int:
+        """Free the stored packed codes while another holder keeps the same codes in its own layout (the native
+        decode step's repacked copy): ``restore()`` rebuilds ``qweight`` on the first use that needs it (the Python
+        kernels, ``codes()``, saving, a device move). Returns the bytes freed. The state dict is unaffected: it
+        always holds the codes."""
+        n = self._q().numel()
+        self._restore = restore
+        self.qweight = torch.empty(0, dtype=torch.uint8, device=self.qweight.device)
+        return n
+
+    @property
+    def codes_released(self) -> bool:
+        return self._restore is not None
+
+    def _q(self) -> torch.Tensor:
+        """``qweight``, rebuilt first if it was released."""
+        r = self._restore
+        if r is not None:
+            self.qweight = r()
+            self._restore = None
+        return self.qweight
+
+    def packed_codes(self) -> torch.Tensor:
+        """The stored packed codes [out, packed_len] (``qweight``; rebuilt if released)."""
+        return self._q()
+
     def codes(self) -> torch.Tensor:
-        return unpack(self.qweight, self.bits, self.in_features)
+        return unpack(self._q(), self.bits, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The exact float weight [out, in] (exact in fp32; ``dtype`` rounds it once)."""
@@ -160,6 +189,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must not re-round the stored fp16 scales; device moves still apply.
+        self._q()
         keep = self.scales
         super()._apply(fn, recurse)
         self.scales = keep.to(self.scales.device)
@@ -167,8 +197,18 @@ class QuantLinear(nn.Module):
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
+        self._q()  # (the shape check reads the buffer)
         self._cache = {}
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._restore is not None:  # released: the codes for this state dict only, not kept
+            destination[prefix + "qweight"] = self._restore()
+
+    def __getstate__(self):
+        self._q()  # (a pickled module carries its codes, not the closure that rebuilds them)
+        return self.__dict__.copy()
 
     # ------------------------------------------------------------------ kernel-specific copies
     def _fp32_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,7 +222,7 @@ class QuantLinear(nn.Module):
     def _codes4(self) -> torch.Tensor:
         """Codes packed 4 bits each (the stored ones at 4 bits; a cached copy for 2/3 bits)."""
         if self.bits == 4:
-            return self.qweight
+            return self._q()
         if "codes4" not in self._cache:
             self._cache["codes4"] = pack_int4(self.codes())
         return self._cache["codes4"]
@@ -190,7 +230,7 @@ class QuantLinear(nn.Module):
     def _codes8(self) -> torch.Tensor:
         """Codes one byte each (the stored ones at 8 bits; a cached copy for 5/6 bits)."""
         if self.bits == 8:
-            return self.qweight
+            return self._q()
         if "codes8" not in self._cache:
             self._cache["codes8"] = self.codes().contiguous()
         return self._cache["codes8"]
@@ -289,7 +329,7 @@ class QuantLinear(nn.Module):
         tmp = None if dtype == torch.float32 else _workspace("piece", min(step, r1 - r0) * k, torch.float32)
         for r in range(r0, r1, step):
             e = min(r + step, r1)
-            q = unpack(self.qweight[r:e], self.bits, k).view(e - r, g, -1)
+            q = unpack(self._q()[r:e], self.bits, k).view(e - r, g, -1)
             w = (out[r - r0:e - r0] if tmp is None else tmp[:(e - r) * k]).view(e - r, g, -1)
             w.copy_(q).mul_(s[r:e, :, None]).add_(zs[r:e, :, None])  # q*s, -z*s exact in fp32, so is the sum
             if dtype != torch.float32:
@@ -360,7 +400,7 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.rows
         flat = ids.reshape(-1)
-        q = unpack(h.qweight[flat], h.bits, h.in_features).float()
+        q = unpack(h.packed_codes()[flat], h.bits, h.in_features).float()
         g = h.scales.shape[1]
         w = (q.view(len(flat), g, -1) - h.zeros[flat].float()[..., None]) * h.scales[flat].float()[..., None]
         return w.view(*ids.shape, h.in_features)
