@@ -223,3 +223,33 @@ def test_native_prefill_on_the_forced_avx2_build(monkeypatch):
     default8, _ = _prefill(m, toks, 0, [], 0, True)
     native.set_act_int8(m, False)
     assert (forced8 - default8).abs().max().item() <= 0.1 * (default8 - py).abs().max().item()
+
+
+def test_more_than_8_rows_decode_in_one_call_with_int8_activations():
+    """Past 8 rows (up to 32) a one-token forward of a quantized model with int8 activations still runs natively,
+    8 rows of x per pass over each weight piece: 13 rows in one call give exactly what 8 + 5 rows give in two (each
+    row's math is the same), and fp32-activation models keep the Python path there."""
+    m = _model(seed=9)
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+    native.set_act_int8(m, True)
+    toks = torch.tensor([[(5 * i + 2) % 96] for i in range(13)])
+    start = torch.arange(13) % 5
+
+    def run(split):
+        m.setup_cache(13, 16)
+        with torch.inference_mode():
+            for i in range(13):  # a different short history per row
+                m(torch.tensor([[(i * 3 + j) % 96 for j in range(int(start[i]))] + [1]]), 0, row0=i)
+            if split:
+                a = m(toks[:8], start[:8] + 1, None, last_only=True, row0=0)[:, -1]
+                b = m(toks[8:], start[8:] + 1, None, last_only=True, row0=8)[:, -1]
+                out = torch.cat([a, b])
+            else:
+                out = m(toks, start + 1, None, last_only=True, row0=0)[:, -1]
+        m.clear_cache()
+        return out
+
+    assert native.step_for_rows(m, 13) is not None
+    assert torch.equal(run(False), run(True))
+    native.set_act_int8(m, False)
+    assert native.step_for_rows(m, 13) is None and native.step_for_rows(m, 8) is not None

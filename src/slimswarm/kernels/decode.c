@@ -23,7 +23,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#define MAXM 8
+#define MAXM 32 /* rows of x per call (decode rows, or prefill positions) */
+#define KM 8    /* rows of x per pass of a matmul loop: larger calls go KM rows at a time */
 #define MAXT 64
 
 enum { F_F32 = 0, F_BF16 = 1, F_Q8 = 2, F_Q4 = 3 };
@@ -465,7 +466,7 @@ static inline __attribute__((always_inline)) void q_i8_fast(const ss_lin *L, con
             _mm_prefetch((const char *)(sc + 8 * G), _MM_HINT_T0);
             _mm_prefetch((const char *)(zp + 8 * G), _MM_HINT_T0);
         }
-        __m256 acc[MAXM];
+        __m256 acc[KM];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         const float *sxa = p->sxa;
         const int64_t A = p->A;
@@ -543,7 +544,7 @@ static inline __attribute__((always_inline)) void q_i8_rows4(const ss_lin *L, co
             const char *pf = (const char *)qr + 4 * rbytes;
             for (int64_t o = 0; o < 4 * rbytes; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
         }
-        __m256 acc[MAXM];
+        __m256 acc[KM];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         int64_t a = 0;
         for (int64_t g = 0; g < G; g++) {
@@ -594,7 +595,7 @@ static inline __attribute__((always_inline)) void q_i8_rows4(const ss_lin *L, co
             }
         }
         /* zero-point terms of the four rows: sum_g scale * zero * (sum of the de-quantized x over group g) */
-        __m128 z[MAXM];
+        __m128 z[KM];
         for (int64_t m = 0; m < M; m++) z[m] = _mm_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
             const __m128 sz = _mm_mul_ps(_mm_set_ps(sc[3 * G + g], sc[2 * G + g], sc[G + g], sc[g]),
@@ -679,14 +680,14 @@ static inline __attribute__((always_inline)) void q4_i8_rows8(const ss_lin *L, c
             const char *pf = (const char *)wq + 4 * K; /* the next 8 rows */
             for (int64_t o = 0; o < 4 * K; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
         }
-        __m256 acc[MAXM];
+        __m256 acc[KM];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         int64_t a = 0;
         for (int64_t g = 0; g < G; g++) {
             const __m256 sw = _mm256_loadu_ps(sc + g * 8);
             for (int64_t c = 0; c < gs;) {
                 const int64_t w = act_width(gs, 1, c);
-                __m256i d[MAXM];
+                __m256i d[KM];
                 for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
                 if (M == 1) { /* one row of x: four independent accumulator chains (VNNI's latency, not its width,
                                * would bound one chain of two dependent ops per 32 bytes) */
@@ -762,13 +763,13 @@ static inline __attribute__((always_inline)) void q8_i8_rows8(const ss_lin *L, c
             const char *pf = (const char *)wq + 8 * K;
             for (int64_t o = 0; o < 8 * K; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
         }
-        __m256 acc[MAXM];
+        __m256 acc[KM];
         for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         int64_t a = 0;
         for (int64_t g = 0; g < G; g++) {
             const __m256 sw = _mm256_loadu_ps(sc + g * 8);
             for (int64_t c = 0; c < gs; c += 32, a++) {
-                __m256i d[MAXM];
+                __m256i d[KM];
                 for (int64_t m = 0; m < M; m++) d[m] = _mm256_setzero_si256();
                 for (int64_t j = 0; j < 32; j += 4) {
                     const int64_t col = g * gs + c + j;
@@ -825,9 +826,9 @@ void ss_repack_q4(const uint8_t *codes, int64_t N, int64_t K, uint8_t *out) {
         }
 }
 
-/* y[m, n] (+)= row n of L times prepared input, for n in [n0, n1). ys: row stride of y. */
-static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M, int64_t n0, int64_t n1, float *y,
-                     int64_t ys, int add) {
+/* y[m, n] (+)= row n of L times prepared input, for n in [n0, n1), M <= KM rows of x. ys: row stride of y. */
+static void lin_rows_k(const ss_lin *L, const prep_t *p, const float *x, int64_t M, int64_t n0, int64_t n1, float *y,
+                       int64_t ys, int add) {
     const int64_t K = L->K;
     const int fmt = L->fmt;
     if (p->i8 && p->nat && L->wr) { /* repacked (the step only repacks when gs % 32 == 0, N and K % 8 == 0) */
@@ -864,7 +865,7 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
         return;
     }
     for (int64_t n = n0; n < n1; n++) {
-        float out[MAXM];
+        float out[KM];
         if (fmt == F_F32) {
             const float *w = (const float *)L->w + n * K;
             for (int64_t m = 0; m < M; m++) out[m] = dot_f32(w, x + m * K, K);
@@ -877,8 +878,8 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
             const int q4 = fmt == F_Q4;
             const uint8_t *qr = (const uint8_t *)L->w + n * (q4 ? K / 2 : K);
             if (p->i8) {
-                __m256 acc[MAXM];
-                float corr[MAXM];
+                __m256 acc[KM];
+                float corr[KM];
                 for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps(), corr[m] = 0.f;
                 for (int64_t g = 0; g < G; g++) {
                     const uint8_t *qg = qr + (q4 ? g * gs / 2 : g * gs);
@@ -917,7 +918,7 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
                 }
                 for (int64_t m = 0; m < M; m++) out[m] = hsum(acc[m]) - corr[m];
             } else {
-                float acc[MAXM], corr[MAXM];
+                float acc[KM], corr[KM];
                 for (int64_t m = 0; m < M; m++) acc[m] = corr[m] = 0.f;
                 for (int64_t g = 0; g < G; g++) {
                     const uint8_t *qg = qr + (q4 ? g * gs / 2 : g * gs);
@@ -970,6 +971,40 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
                 y[m * ys + n] += out[m] + b;
             else
                 y[m * ys + n] = out[m] + b;
+        }
+    }
+}
+
+/* The prepared input of rows m0.. of x (for a pass over KM of them) */
+static inline prep_t prep_rows(const prep_t *p, int fmt, int64_t m0) {
+    prep_t q = *p;
+    if (fmt == F_F32 || fmt == F_BF16) return q;
+    const int64_t K = p->K, G = K / p->gs, A = p->A;
+    q.xp = p->xp + m0 * K, q.xq = p->xq + m0 * K;
+    q.xs = p->xs + m0 * G, q.xqsf = p->xqsf + m0 * G;
+    q.xqs = p->xqs + m0 * A, q.sxa = p->sxa + m0 * A;
+    return q;
+}
+
+/* lin_rows_k for any M <= MAXM: weight rows in pieces of ~32 KB, each met by every KM rows of x while it is in
+ * L1/L2 (a prefill of 32 positions streams the weights once, not four times) */
+static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M, int64_t n0, int64_t n1, float *y,
+                     int64_t ys, int add) {
+    if (M <= KM) {
+        lin_rows_k(L, p, x, M, n0, n1, y, ys, add);
+        return;
+    }
+    const int64_t K = L->K;
+    const int fmt = L->fmt;
+    const int64_t row_bytes = fmt == F_F32 ? 4 * K : fmt == F_BF16 ? 2 * K : fmt == F_Q8 ? K : K / 2;
+    int64_t piece = 32768 / (row_bytes > 0 ? row_bytes : 1) / 8 * 8;
+    if (piece < 8) piece = 8;
+    for (int64_t a = n0; a < n1; a += piece) {
+        const int64_t b = a + piece < n1 ? a + piece : n1;
+        for (int64_t m0 = 0; m0 < M; m0 += KM) {
+            const int64_t mc = M - m0 < KM ? M - m0 : KM;
+            const prep_t q = prep_rows(p, fmt, m0);
+            lin_rows_k(L, &q, x + m0 * K, mc, a, b, y + m0 * ys, ys, add);
         }
     }
 }

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MAX_M = 8
+MAX_M = 8  # decode rows one call takes for every format
+MAX_M_FAST = 32  # ... for quantized layers with int8 activations (NativeStep.prefill_fast), KM = 8 rows at a time
 _SRC = Path(__file__).with_name("decode.c")
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -534,6 +535,16 @@ def signature(model) -> tuple:
 # ---------------------------------------------------------------------------------------------------- entry points
 def enabled() -> bool:
     return os.environ.get("SLIMSWARM_NATIVE", "1") not in ("0", "false", "off", "no")
+
+
+def step_for_rows(model, m: int) -> NativeStep | None:
+    """The native step for a one-token forward of ``m`` rows: up to MAX_M rows for every model, up to MAX_M_FAST for
+    one whose quantized layers take int8 activations (the Python path's batched matmuls beat the step's float loops
+    past 8 rows); else None."""
+    if m > MAX_M_FAST:
+        return None
+    step = step_for(model)
+    return step if step is not None and (m <= MAX_M or step.prefill_fast) else None
 
 
 def prefill_step(model) -> NativeStep | None:

@@ -25,11 +25,11 @@ class Completion:
 def _greedy_native_step(model: CausalLM, plist: list[SamplingParams], tokenizer: Tokenizer | None):
     """The native step, when every remaining decode step can run inside one C call (greedy rows, no stop strings to
     check on text, fp32 logits, a batch the step takes); else None."""
-    if len(plist) > native.MAX_M or model.dtype != torch.float32 or torch.is_grad_enabled():
+    if len(plist) > native.MAX_M_FAST or model.dtype != torch.float32 or torch.is_grad_enabled():
         return None
     if any(p.temperature >= GREEDY_BELOW or (p.stop and tokenizer is not None) for p in plist):
         return None
-    return native.step_for(model)
+    return native.step_for_rows(model, len(plist))
 
 
 def _stop_cut(text: str, stops: list[str]) -> int | None:

@@ -524,8 +524,8 @@ class CausalLM(nn.Module):
         if cached and row0 + b > self.cache_batch:
             raise ValueError(f"rows {row0}..{row0 + b - 1} outside the cache's {self.cache_batch} rows")
         slots = slots.expand(b, t) if slots.dim() == 1 else slots
-        if t == 1 and cached and not hidden_only and b <= native.MAX_M and not torch.is_grad_enabled():
-            step = native.step_for(self)  # one C call for the whole decoder (kernels/decode.c), or None
+        if t == 1 and cached and not hidden_only and b <= native.MAX_M_FAST and not torch.is_grad_enabled():
+            step = native.step_for_rows(self, b)  # one C call for the whole decoder (kernels/decode.c), or None
             if step is not None:
                 return step.decode(self, tokens[:, 0], slots[:, 0], pad, row0)[:, None].to(self.dtype)
         if t > 1 and cached and last_only and not hidden_only and not torch.is_grad_enabled():
