@@ -1013,6 +1013,7 @@ static void lin_rows(const ss_lin *L, const prep_t *p, const float *x, int64_t M
 typedef struct {
     const ss_model *md;
     int64_t M, row0;
+    int32_t rows;     /* the most rows of x a call may have (the buffers' size) */
     int32_t one_row;  /* every row of x is a position of the sequence in cache row row0 (the prefill) */
     int32_t head_row; /* the LM head's rows: -1 every row, else only this one (logits [1, vocab]) */
     const int64_t *tok, *slot, *pad;
@@ -1040,31 +1041,35 @@ static void *amalloc(size_t n) {
 
 void ss_ctx_free(ss_ctx *c);
 
-ss_ctx *ss_ctx_new(const ss_model *md, int nth) {
+/* Buffers for calls of up to `rows` rows of x (1..MAXM; a model that never takes more than 8 keeps them small) */
+ss_ctx *ss_ctx_new(const ss_model *md, int nth, int rows) {
     if (nth > MAXT) nth = MAXT;
+    if (rows < 1 || rows > MAXM) rows = MAXM;
+    const int64_t RM = rows;
     ss_ctx *c = (ss_ctx *)calloc(1, sizeof(ss_ctx));
     if (!c) return NULL;
+    c->rows = rows;
     const int64_t H = md->hidden, KX = md->max_k, R = md->lora_r > 0 ? md->lora_r : 1;
-    c->x = amalloc(sizeof(float) * MAXM * H);
-    c->q = amalloc(sizeof(float) * MAXM * (md->max_q + 8));
-    c->k = amalloc(sizeof(float) * MAXM * (md->max_kv + 8));
-    c->v = amalloc(sizeof(float) * MAXM * (md->max_kv + 8));
-    c->att = amalloc(sizeof(float) * MAXM * (md->max_q + 8));
-    c->h = amalloc(sizeof(float) * MAXM * (KX + 8));
-    c->h2 = amalloc(sizeof(float) * MAXM * (KX + 8));
-    c->cs = amalloc(sizeof(float) * MAXM * (md->head_dim + 8));
-    c->sn = amalloc(sizeof(float) * MAXM * (md->head_dim + 8));
+    c->x = amalloc(sizeof(float) * RM * H);
+    c->q = amalloc(sizeof(float) * RM * (md->max_q + 8));
+    c->k = amalloc(sizeof(float) * RM * (md->max_kv + 8));
+    c->v = amalloc(sizeof(float) * RM * (md->max_kv + 8));
+    c->att = amalloc(sizeof(float) * RM * (md->max_q + 8));
+    c->h = amalloc(sizeof(float) * RM * (KX + 8));
+    c->h2 = amalloc(sizeof(float) * RM * (KX + 8));
+    c->cs = amalloc(sizeof(float) * RM * (md->head_dim + 8));
+    c->sn = amalloc(sizeof(float) * RM * (md->head_dim + 8));
     int ok = c->x && c->q && c->k && c->v && c->att && c->h && c->h2 && c->cs && c->sn;
     for (int t = 0; t < nth && ok; t++) {
         struct thread_buf *b = &c->tb[t];
-        b->xn = amalloc(sizeof(float) * MAXM * (KX + 8));
-        b->xp = amalloc(sizeof(float) * MAXM * (KX + 64));
-        b->xs = amalloc(sizeof(float) * MAXM * (KX + 8));
-        b->xq = amalloc(MAXM * (KX + 64));
-        b->xqs = amalloc(sizeof(int32_t) * MAXM * (KX + 8));
-        b->xqsf = amalloc(sizeof(float) * MAXM * (KX + 8));
-        b->sxa = amalloc(sizeof(float) * MAXM * (KX + 8));
-        b->lt = amalloc(sizeof(float) * MAXM * R);
+        b->xn = amalloc(sizeof(float) * RM * (KX + 8));
+        b->xp = amalloc(sizeof(float) * RM * (KX + 64));
+        b->xs = amalloc(sizeof(float) * RM * (KX + 8));
+        b->xq = amalloc(RM * (KX + 64));
+        b->xqs = amalloc(sizeof(int32_t) * RM * (KX + 8));
+        b->xqsf = amalloc(sizeof(float) * RM * (KX + 8));
+        b->sxa = amalloc(sizeof(float) * RM * (KX + 8));
+        b->lt = amalloc(sizeof(float) * RM * R);
         /* scores of every query head of a kv group (a pruned layer may have one kv head for all its heads) */
         b->sc = amalloc(sizeof(float) * (md->max_q / md->head_dim + 1) * (md->cache_len + 16) + sizeof(float) * 8 * md->head_dim);
         ok = b->xn && b->xp && b->xs && b->xq && b->xqs && b->xqsf && b->sxa && b->lt && b->sc;
@@ -1117,7 +1122,7 @@ static void job(void *arg, int tid, int nth);
  * row0..row0+M-1; logits [M, vocab]. Returns 0, or -1 for bad arguments. */
 static int step(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, const int64_t *slot, const int64_t *pad,
                 int64_t row0, int one_row, int head_row, const int32_t *lslot, float *logits, int nth) {
-    if (M < 1 || M > MAXM || row0 < 0 || row0 + (one_row ? 1 : M) > md->cache_rows) return -1;
+    if (M < 1 || M > c->rows || row0 < 0 || row0 + (one_row ? 1 : M) > md->cache_rows) return -1;
     for (int64_t m = 0; m < M; m++)
         if (slot[m] < 0 || slot[m] >= md->cache_len || tok[m] < 0 || tok[m] >= md->vocab) return -1;
     if (nth > MAXT) nth = MAXT;
@@ -1180,8 +1185,9 @@ int ss_prefill(ss_ctx *c, const ss_model *md, int64_t T, const int64_t *tok, int
         if (tok[i] < 0 || tok[i] >= md->vocab) return -1;
     int64_t slot[MAXM], pads[MAXM];
     int32_t ls[MAXM];
-    for (int64_t i = 0; i < T; i += MAXM) {
-        const int64_t n = T - i < MAXM ? T - i : MAXM;
+    const int64_t per = c->rows;
+    for (int64_t i = 0; i < T; i += per) {
+        const int64_t n = T - i < per ? T - i : per;
         for (int64_t m = 0; m < n; m++) slot[m] = slot0 + i + m, pads[m] = pad, ls[m] = lslot;
         const int last = i + n == T;
         if (step(c, md, n, tok + i, slot, pad ? pads : NULL, row, 1, last ? (int)n - 1 : -2, lslot ? ls : NULL, logits,
@@ -1220,7 +1226,7 @@ int64_t ss_decode_greedy(ss_ctx *c, const ss_model *md, int64_t M, const int64_t
                          const int64_t *pad, int64_t row0, const int32_t *lslot, float *logits, int nth, int64_t steps,
                          const int64_t *eos, int64_t n_eos, int64_t pad_tok, const int64_t *limit, int64_t *out,
                          int64_t *count) {
-    if (M < 1 || M > MAXM || steps < 0) return -1;
+    if (M < 1 || M > c->rows || steps < 0) return -1;
     int64_t tok[MAXM], slot[MAXM];
     int done[MAXM], live = 0;
     for (int64_t m = 0; m < M; m++) {

@@ -107,7 +107,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the argument and result types of decode.c's entry points on a loaded build (also for the profiled
     builds of benchmarks/native_profile.py)."""
     P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.ss_ctx_new.argtypes, lib.ss_ctx_new.restype = [P, ctypes.c_int], P
+    lib.ss_ctx_new.argtypes, lib.ss_ctx_new.restype = [P, ctypes.c_int, ctypes.c_int], P
     lib.ss_ctx_free.argtypes, lib.ss_ctx_free.restype = [P], None
     lib.ss_decode.argtypes = [P, P, I, P, P, P, I, P, P, ctypes.c_int]
     lib.ss_decode.restype = ctypes.c_int
@@ -401,7 +401,8 @@ class NativeStep:
         if self._ctx is None or self._ctx_key[0] < nth or self._ctx_key[1] < key[1]:
             if self._ctx is not None:
                 self.lib.ss_ctx_free(self._ctx)
-            self._ctx = self.lib.ss_ctx_new(ctypes.byref(self.model_struct), nth)
+            rows = MAX_M_FAST if self.prefill_fast else MAX_M  # (the calls this model's step takes)
+            self._ctx = self.lib.ss_ctx_new(ctypes.byref(self.model_struct), nth, rows)
             if not self._ctx:
                 raise MemoryError("native decode step: cannot allocate its buffers")
             self._ctx_key = key
