@@ -102,8 +102,8 @@ def test_which_forwards_prefill_natively(monkeypatch):
     fp32 activations in Python; ``SLIMSWARM_NATIVE_PREFILL=always`` / ``0`` override; full-logit forwards (eval) never.
     Left-padded batches (generate) prefill row by row and give the Python path's greedy tokens (exact mode)."""
     calls = []
-    orig = native.NativeStep.prefill
-    monkeypatch.setattr(native.NativeStep, "prefill", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    orig = native.NativeStep.prefill_rows
+    monkeypatch.setattr(native.NativeStep, "prefill_rows", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
     m = _model(seed=5)
     assert native.step_for(m).prefill_fast is False  # fp32 weights
     quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
@@ -118,16 +118,16 @@ def test_which_forwards_prefill_natively(monkeypatch):
     assert not calls
     monkeypatch.setenv("SLIMSWARM_NATIVE_PREFILL", "always")
     got = [c.tokens for c in generate_ids(m, prompts, sp)]
-    assert len(calls) == 3 and got == want
+    assert len(calls) == 1 and got == want  # the three left-padded rows in one packed prefill
     m.setup_cache(1, 32)
     with torch.inference_mode():
         full = m(torch.tensor([prompts[0]]), 0)  # every position's logits: the Python path
-    assert full.shape[1] == len(prompts[0]) and len(calls) == 3
+    assert full.shape[1] == len(prompts[0]) and len(calls) == 1
     m.clear_cache()
     monkeypatch.setenv("SLIMSWARM_NATIVE_PREFILL", "1")
     native.set_act_int8(m, True)
     generate_ids(m, prompts, sp)
-    assert len(calls) == 6
+    assert len(calls) == 2
 
 
 def test_engine_admission_through_the_native_prefill(stories, monkeypatch):
@@ -151,12 +151,12 @@ def test_engine_admission_through_the_native_prefill(stories, monkeypatch):
         return [r.tokens for r in first + rest], eng.counters["cached_prompt_tokens"]
 
     calls = []
-    orig = native.NativeStep.prefill
-    monkeypatch.setattr(native.NativeStep, "prefill", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    orig = native.NativeStep.prefill_rows
+    monkeypatch.setattr(native.NativeStep, "prefill_rows", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
     want, cached_py = run("0")
     assert not calls
     got, cached_nat = run("always")
-    assert len(calls) == 4  # the first request alone, then the three admitted together, one call each
+    assert len(calls) == 2  # the first request alone, then the three admitted together in one packed prefill
     assert got == want
     assert cached_nat == cached_py > 0
 
@@ -253,3 +253,48 @@ def test_more_than_8_rows_decode_in_one_call_with_int8_activations():
     assert torch.equal(run(False), run(True))
     native.set_act_int8(m, False)
     assert native.step_for_rows(m, 13) is None and native.step_for_rows(m, 8) is not None
+
+
+@pytest.mark.parametrize("act8", [False, True])
+def test_sequences_packed_into_shared_prefill_calls_equal_one_at_a_time(act8):
+    """ss_prefill_rows packs the positions of several sequences (different lengths, cached prefixes, cache rows,
+    adapters) into shared calls: the logits of each one's last position and every cached K/V equal prefilling them one
+    at a time, in exact mode and with int8 activations."""
+    m = _model(seed=10)
+    adapters = _adapters(m, n=2)
+    quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
+    native.set_act_int8(m, act8)
+    bank = AdapterBank(m, adapters)
+    seqs = [[(3 * i + j) % 96 for j in range(n)] for i, n in enumerate((3, 40, 1, 29, 9))]
+    starts, rows = [0, 4, 2, 0, 7], [4, 0, 2, 1, 3]
+    names = ["a0", None, "a1", "a1", None]
+    step = native.step_for(m)
+    lsl = [0 if a is None else bank._slot[a] for a in names]
+
+    def prefill(packed):
+        m.setup_cache(5, 64)
+        with torch.inference_mode():
+            for i, s0 in enumerate(starts):  # the cached prefixes (same tokens either way)
+                if s0:
+                    bank.set_rows([names[i]])
+                    os.environ["SLIMSWARM_NATIVE"] = "0"
+                    m(torch.tensor([[(7 * j + i) % 96 for j in range(s0)]]), 0, row0=rows[i])
+                    os.environ.pop("SLIMSWARM_NATIVE")
+            if packed:
+                lg = step.prefill_rows(m, seqs, starts, None, rows, lsl)
+            else:
+                lg = torch.stack([step.prefill(m, torch.tensor(x), s0, 0, r, sl)
+                                  for x, s0, r, sl in zip(seqs, starts, rows, lsl)])
+        kv = [_kv(m, r, list(range(s0 + len(x)))) for x, s0, r in zip(seqs, starts, rows)]
+        m.clear_cache()
+        return lg, kv
+
+    try:
+        one, kv1 = prefill(False)
+        packed, kv2 = prefill(True)
+    finally:
+        native.set_act_int8(m, False)
+    # the same per-row math, but a row's matmul loop differs with the call's row count (one row: four accumulator
+    # chains), so fp32 order; an int8 code on a rounding boundary could flip (none does here)
+    assert (one - packed).abs().max().item() <= TOL
+    assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(kv1, kv2))

@@ -356,13 +356,13 @@ class Engine:
             if max(hits) + t > self.max_len:
                 raise _OnePerForward
             dev = self.model.device
-            if dev.type == "cpu" and native.prefill_step(self.model) is not None:
-                # the native step prefills row by row, 8 positions a call, at the speed of a batched forward
-                logits = []
-                for i, (r, ids, h) in enumerate(zip(reqs, rest, hits)):
-                    self._set_adapters([r])
-                    logits.append(self.model(torch.tensor([ids], device=dev), h, None, last_only=True,
-                                             row0=row0 + i)[0, -1])  # (no stack: see NativeStep.prefill's out)
+            step = native.prefill_step(self.model) if dev.type == "cpu" else None
+            if step is not None:
+                # the native step packs every row's uncached positions into shared calls of 32 (a short suffix
+                # after a cached system prompt does not stream the weights alone)
+                self._set_adapters(reqs)
+                logits = step.prefill_rows(self.model, rest, hits, None, [row0 + i for i in range(len(reqs))],
+                                           step.lora_slots(len(reqs)))
             else:
                 x = torch.zeros(len(reqs), t, dtype=torch.long, device=dev)
                 for i, ids in enumerate(rest):

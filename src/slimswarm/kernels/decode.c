@@ -1014,8 +1014,9 @@ typedef struct {
     const ss_model *md;
     int64_t M, row0;
     int32_t rows;     /* the most rows of x a call may have (the buffers' size) */
-    int32_t one_row;  /* every row of x is a position of the sequence in cache row row0 (the prefill) */
-    int32_t head_row; /* the LM head's rows: -1 every row, else only this one (logits [1, vocab]) */
+    int32_t n_head;         /* with head_rows: how many rows of x get logits (0: none) */
+    const int64_t *crow;    /* the cache row of each row of x (prefill: positions of sequences), or NULL: row0 + m */
+    const int32_t *head_rows; /* the rows of x whose logits are written, in order ([n_head, vocab]), or NULL: all */
     const int64_t *tok, *slot, *pad;
     const int32_t *lslot; /* per-row LoRA slot (0: none) or NULL */
     float *logits;
@@ -1121,8 +1122,11 @@ static void job(void *arg, int tid, int nth);
 /* Run one decode step: tokens [M] at cache slots slot[M] (pad[M] leading padded slots or NULL) of cache rows
  * row0..row0+M-1; logits [M, vocab]. Returns 0, or -1 for bad arguments. */
 static int step(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, const int64_t *slot, const int64_t *pad,
-                int64_t row0, int one_row, int head_row, const int32_t *lslot, float *logits, int nth) {
-    if (M < 1 || M > c->rows || row0 < 0 || row0 + (one_row ? 1 : M) > md->cache_rows) return -1;
+                int64_t row0, const int64_t *crow, int n_head, const int32_t *head_rows, const int32_t *lslot,
+                float *logits, int nth) {
+    if (M < 1 || M > c->rows || row0 < 0 || (!crow && row0 + M > md->cache_rows)) return -1;
+    for (int64_t m = 0; crow && m < M; m++)
+        if (crow[m] < 0 || crow[m] >= md->cache_rows) return -1;
     for (int64_t m = 0; m < M; m++)
         if (slot[m] < 0 || slot[m] >= md->cache_len || tok[m] < 0 || tok[m] >= md->vocab) return -1;
     if (nth > MAXT) nth = MAXT;
@@ -1130,7 +1134,7 @@ static int step(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, co
         if (!c->tb[t].xn) nth = t; /* the context was made for fewer threads */
     if (nth < 1) nth = 1;
     c->md = md, c->M = M, c->row0 = row0, c->tok = tok, c->slot = slot, c->pad = pad, c->lslot = lslot;
-    c->one_row = one_row, c->head_row = head_row;
+    c->crow = crow, c->n_head = n_head, c->head_rows = head_rows;
     c->logits = logits;
     for (int t = 0; t < nth; t++) c->tb[t].prep.x = NULL;
     /* embedding rows (cheap; done by the caller before the threads start) */
@@ -1170,31 +1174,59 @@ static int step(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, co
 
 int ss_decode(ss_ctx *c, const ss_model *md, int64_t M, const int64_t *tok, const int64_t *slot, const int64_t *pad,
               int64_t row0, const int32_t *lslot, float *logits, int nth) {
-    return step(c, md, M, tok, slot, pad, row0, 0, -1, lslot, logits, nth);
+    return step(c, md, M, tok, slot, pad, row0, NULL, 0, NULL, lslot, logits, nth);
 }
 
-/* The prefill of one sequence: tokens tok[0..T) at slots slot0.. of cache row `row` (pad: its leading padded slots,
- * positions count from there), MAXM positions per step with causal attention inside each step; the LM head for the
- * last position only: logits [vocab]. lslot: the row's LoRA slot (0: none). Returns 0, or -1 for bad arguments
- * (nothing written). */
-int ss_prefill(ss_ctx *c, const ss_model *md, int64_t T, const int64_t *tok, int64_t slot0, int64_t pad, int64_t row,
-               int32_t lslot, float *logits, int nth) {
-    if (T < 1 || slot0 < 0 || pad < 0 || pad > slot0 || slot0 + T > md->cache_len || row < 0 || row >= md->cache_rows)
-        return -1;
-    for (int64_t i = 0; i < T; i++)
+/* The prefill of S sequences: sequence i's lens[i] tokens (tok holds them one sequence after another) at slots
+ * slot0[i].. of cache row rows[i] (pad: each one's leading padded slots, positions count from there, or NULL;
+ * lslot: each one's LoRA slot, 0 none, or NULL). Positions are packed across sequences into calls of up to the
+ * context's rows (a short uncached suffix shares a call with the next sequence's instead of streaming the weights
+ * alone), every call's keys and values written before any is read (causal inside it); the LM head only for each
+ * sequence's last position: logits [S, vocab]. Returns 0, or -1 for bad arguments (nothing written). */
+int ss_prefill_rows(ss_ctx *c, const ss_model *md, int64_t S, const int64_t *lens, const int64_t *tok,
+                    const int64_t *slot0, const int64_t *pad, const int64_t *rows, const int32_t *lslot, float *logits,
+                    int nth) {
+    if (S < 1) return -1;
+    int64_t total = 0;
+    for (int64_t i = 0; i < S; i++) {
+        const int64_t p = pad ? pad[i] : 0;
+        if (lens[i] < 1 || slot0[i] < 0 || p < 0 || p > slot0[i] || slot0[i] + lens[i] > md->cache_len || rows[i] < 0 ||
+            rows[i] >= md->cache_rows)
+            return -1;
+        total += lens[i];
+    }
+    for (int64_t i = 0; i < total; i++)
         if (tok[i] < 0 || tok[i] >= md->vocab) return -1;
-    int64_t slot[MAXM], pads[MAXM];
-    int32_t ls[MAXM];
     const int64_t per = c->rows;
-    for (int64_t i = 0; i < T; i += per) {
-        const int64_t n = T - i < per ? T - i : per;
-        for (int64_t m = 0; m < n; m++) slot[m] = slot0 + i + m, pads[m] = pad, ls[m] = lslot;
-        const int last = i + n == T;
-        if (step(c, md, n, tok + i, slot, pad ? pads : NULL, row, 1, last ? (int)n - 1 : -2, lslot ? ls : NULL, logits,
-                 nth) != 0)
+    int64_t ttok[MAXM], tslot[MAXM], tpad[MAXM], tcrow[MAXM];
+    int32_t tls[MAXM], hrows[MAXM];
+    int64_t seq = 0, off = 0, base = 0; /* the sequence being packed, its next position, its first token in tok */
+    while (seq < S) {
+        int64_t M = 0, first = -1;
+        int n_head = 0;
+        while (M < per && seq < S) {
+            const int64_t take = lens[seq] - off < per - M ? lens[seq] - off : per - M;
+            for (int64_t i = 0; i < take; i++) {
+                ttok[M + i] = tok[base + off + i], tslot[M + i] = slot0[seq] + off + i;
+                tpad[M + i] = pad ? pad[seq] : 0, tcrow[M + i] = rows[seq], tls[M + i] = lslot ? lslot[seq] : 0;
+            }
+            M += take, off += take;
+            if (off == lens[seq]) { /* this sequence ends in this call: its last position gets logits */
+                if (first < 0) first = seq;
+                hrows[n_head++] = (int32_t)(M - 1);
+                base += lens[seq], seq++, off = 0;
+            }
+        }
+        if (step(c, md, M, ttok, tslot, pad ? tpad : NULL, 0, tcrow, n_head, hrows, lslot ? tls : NULL,
+                 logits + (first < 0 ? 0 : first) * md->vocab, nth) != 0)
             return -1;
     }
     return 0;
+}
+
+int ss_prefill(ss_ctx *c, const ss_model *md, int64_t T, const int64_t *tok, int64_t slot0, int64_t pad, int64_t row,
+               int32_t lslot, float *logits, int nth) {
+    return ss_prefill_rows(c, md, 1, &T, tok, &slot0, &pad, &row, &lslot, logits, nth);
 }
 
 /* The first index of the largest value (torch.argmax's choice among equal maxima; a NaN counts as the largest). */
@@ -1415,7 +1447,7 @@ typedef struct {
 static inline att_at att_where(const ss_ctx *c, const ss_layer *L, int64_t m, int kvh) {
     const ss_model *md = c->md;
     const int64_t hd = md->head_dim, S = md->cache_len, nkv = L->n_kv;
-    const int64_t row = c->one_row ? c->row0 : c->row0 + m, p = c->pad ? c->pad[m] : 0;
+    const int64_t row = c->crow ? c->crow[m] : c->row0 + m, p = c->pad ? c->pad[m] : 0;
     const int dt = md->cache_dtype;
     const int64_t base = (row * nkv + kvh) * S * hd, sbase = (row * nkv + kvh) * S;
     const size_t esz = dt == C_F32 ? 4 : dt == C_I8 ? 1 : 2;
@@ -1621,7 +1653,7 @@ static void job(void *arg, int tid, int nth) {
             barrier(&c->bar, nth, &sense);
             PT(7);
             const int64_t items = M * L->n_kv;
-            if (c->one_row) { /* positions of one sequence: every key and value in the cache before any is read */
+            if (c->crow) { /* positions of sequences: every key and value in the cache before any is read */
                 for (int64_t it = tid; it < items; it += nth) attn_write(c, L, it / L->n_kv, (int)(it % L->n_kv));
                 barrier(&c->bar, nth, &sense);
                 for (int64_t it = tid; it < items; it += nth) attn_read(c, L, it / L->n_kv, (int)(it % L->n_kv), tb->sc);
@@ -1667,9 +1699,12 @@ static void job(void *arg, int tid, int nth) {
             PT(7);
         }
     }
-    if (c->head_row == -2) return; /* a prefill step before the last: no logits */
-    const int64_t hm = c->head_row >= 0 ? 1 : M;
-    rmsnorm(c->x + (c->head_row >= 0 ? c->head_row * H : 0), md->norm, tb->xn, hm, H, md->eps);
+    const int64_t hm = c->head_rows ? c->n_head : M;
+    if (hm == 0) return; /* a prefill call in which no sequence ends: no logits */
+    if (c->head_rows)
+        for (int64_t i = 0; i < hm; i++) rmsnorm(c->x + c->head_rows[i] * H, md->norm, tb->xn + i * H, 1, H, md->eps);
+    else
+        rmsnorm(c->x, md->norm, tb->xn, M, H, md->eps);
     p->x = NULL;
     prepare(p, &md->head, tb->xn, hm, i8);
     slice(md->vocab, tid, nth, &n0, &n1);

@@ -115,6 +115,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ss_decode_greedy.restype = I
     lib.ss_prefill.argtypes = [P, P, I, P, I, I, I, ctypes.c_int32, P, ctypes.c_int]
     lib.ss_prefill.restype = ctypes.c_int
+    lib.ss_prefill_rows.argtypes = [P, P, I, P, P, P, P, P, P, P, ctypes.c_int]
+    lib.ss_prefill_rows.restype = ctypes.c_int
     lib.ss_repack_q4.argtypes, lib.ss_repack_q4.restype = [P, I, I, P], None
     lib.ss_repack_q8.argtypes, lib.ss_repack_q8.restype = [P, I, I, P], None
     lib.ss_has_vnni.argtypes, lib.ss_has_vnni.restype = [], ctypes.c_int
@@ -440,6 +442,35 @@ class NativeStep:
         if rc != 0:
             raise ValueError(f"native prefill refused its arguments (row {row}, slots {start}..{start + tok.numel() - 1}, "
                              f"pad {pad}, cache {self.model_struct.cache_rows}x{self.model_struct.cache_len})")
+        return out
+
+    def prefill_rows(self, model, seqs: list, starts: list[int], pads: list[int] | None, rows: list[int],
+                     lslots: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-position logits [S, vocab] (fp32) of S sequences prefilled together (kernels/decode.c
+        ss_prefill_rows): ``seqs[i]`` (token ids) at cache slots starts[i].. of row rows[i], ``pads[i]`` leading
+        padded slots, ``lslots[i]`` its LoRA slot (0: none); positions of consecutive sequences share calls of up
+        to 32 (8 for models whose step is not ``prefill_fast``). ``out``: a contiguous fp32 [S, vocab] to write."""
+        self._bind_caches(model)
+        nth = max(1, torch.get_num_threads())
+        ctx = self._context(nth)
+        n = len(seqs)
+        toks = [torch.as_tensor(x, dtype=torch.int64).reshape(-1) for x in seqs]
+        cat = torch.cat(toks).contiguous()
+        lens = torch.tensor([t.numel() for t in toks], dtype=torch.int64)
+        st = torch.tensor(starts, dtype=torch.int64)
+        pd = None if pads is None else torch.tensor(pads, dtype=torch.int64)
+        rw = torch.tensor(rows, dtype=torch.int64)
+        ls = None if lslots is None or not any(lslots) else torch.tensor(lslots, dtype=torch.int32)
+        if out is None:
+            out = torch.empty((n, self.vocab), dtype=torch.float32)
+        elif out.dtype != torch.float32 or not out.is_contiguous() or tuple(out.shape) != (n, self.vocab):
+            raise ValueError(f"prefill out: a contiguous fp32 [{n}, {self.vocab}], got {out.dtype} {tuple(out.shape)}")
+        rc = self.lib.ss_prefill_rows(ctx, ctypes.byref(self.model_struct), n, lens.data_ptr(), cat.data_ptr(),
+                                      st.data_ptr(), _ptr(pd), rw.data_ptr(), _ptr(ls), out.data_ptr(), nth)
+        if rc != 0:
+            raise ValueError(f"native prefill refused its arguments (rows {rows}, starts {starts}, lengths "
+                             f"{lens.tolist()}, pads {pads}, cache {self.model_struct.cache_rows}x"
+                             f"{self.model_struct.cache_len})")
         return out
 
     def lora_slots(self, m: int) -> list[int]:

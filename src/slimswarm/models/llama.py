@@ -558,8 +558,9 @@ class CausalLM(nn.Module):
         return self.lm_head(x)
 
     def _native_prefill(self, step, tokens, start, pad, row0: int) -> torch.Tensor | None:
-        """Last-position logits [B, 1, vocab] of a prefill, each row through ``step.prefill`` (its padded slots are
-        not written: no query attends to them); None (the Python path) when a row is all padding."""
+        """Last-position logits [B, 1, vocab] of a prefill through ``step.prefill_rows`` (the rows' positions packed
+        into shared calls; padded slots are not written: no query attends to them); None (the Python path) when a
+        row is all padding."""
         b, t = tokens.shape
         lslots = step.lora_slots(b)
         rows = []
@@ -571,8 +572,9 @@ class CausalLM(nn.Module):
                 return None
             rows.append((s + skip, p, skip))
         out = torch.empty((b, 1, self.config.vocab_size), dtype=torch.float32)
-        for i, (s, p, skip) in enumerate(rows):
-            step.prefill(self, tokens[i, skip:], s, p, row0 + i, lslots[i], out=out[i, 0])
+        step.prefill_rows(self, [tokens[i, skip:] for i, (_, _, skip) in enumerate(rows)], [s for s, _, _ in rows],
+                          [p for _, p, _ in rows] if pad is not None else None, [row0 + i for i in range(b)], lslots,
+                          out=out.view(b, -1))
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     # -- bookkeeping ---------------------------------------------------------------------------
