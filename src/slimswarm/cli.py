@@ -115,8 +115,7 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     loaded = _load(args)
-    chat = args.chat if args.chat is not None else bool(getattr(loaded.tokenizer.hf, "chat_template", None)
-                                                       if hasattr(loaded.tokenizer, "hf") else False)
+    chat = args.chat if args.chat is not None else bool(loaded.tokenizer.chat_template)
     c = generate(loaded.model, loaded.tokenizer, [args.prompt], params, chat=chat)[0]
     if args.json:
         print(json.dumps({"text": c.text, "tokens": len(c.tokens), "finish_reason": c.finish_reason}))

@@ -208,6 +208,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
         skeleton = _build(cfg, d, target, path)
     check_shapes(skeleton, shapes, str(path))
     del skeleton
+    tok = _checkpoint_tokenizer(path, d, cfg)  # before the weights: its build's transient stays below their peak
     model = _build(cfg, d, target, path)
     try:
         missing, unexpected = load_streamed(model, ((k, st.get_tensor(k)) for k in st.keys()))
@@ -223,10 +224,17 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
             m.check_loaded(f"{path}: {name}")
     model.inv_freq = rope_inv_freq(cfg).float()
     model.eval()
+    return Loaded(model, tok, str(path), "slimswarm", doc)
+
+
+def _checkpoint_tokenizer(path: Path, d, cfg: ModelConfig):
+    from .heap import release_freed_memory
+
     if d.tokenizer == "hf":
         from .hf import read_hf_tokenizer
 
         tok = read_hf_tokenizer(path, cfg)
     else:
         tok = SentencePieceTokenizer(path / "tokenizer.model")
-    return Loaded(model, tok, str(path), "slimswarm", doc)
+    release_freed_memory()
+    return tok

@@ -10,7 +10,6 @@ import torch
 
 from ..data import data_dir
 from ..errors import SlimswarmError
-from .checkpoint import load_checkpoint
 from .llama import CausalLM, ModelConfig, rope_inv_freq
 from .loaded import Loaded
 
@@ -69,6 +68,16 @@ def build_model(cfg: ModelConfig, sd, source: str, dtype=torch.float32, shapes=N
     return model.to(dtype).eval()
 
 
+def _tokenizer_first(read, *args):
+    """The tokenizer, read before the weights: building it (a JSON vocabulary parsed in Rust) briefly takes ~40 MB,
+    which then lands below the weights' peak instead of on top of it, and its freed pages go back to the system."""
+    from .heap import release_freed_memory
+
+    tok = read(*args)
+    release_freed_memory()
+    return tok
+
+
 def resolve(ref: str) -> Path | str:
     """A named default → its path; an existing path → itself; else the string (a hub id)."""
     if ref.lower() in NAMED:
@@ -92,19 +101,23 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
     p = target
     if p.is_dir():
         if (p / "slimswarm.json").exists():
+            from .checkpoint import load_checkpoint  # pydantic (~5 MB resident) only for our checkpoints
+
             return load_checkpoint(p, dtype=dtype)
         if not (p / "config.json").exists():
             raise SlimswarmError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
         cfg = hf.read_hf_config(p)
+        tok = _tokenizer_first(hf.read_hf_tokenizer, p, cfg)
         model = build_model(cfg, hf.hf_weights(p, dtype), str(p), dtype, shapes=hf.hf_shapes(p))
-        return Loaded(model, hf.read_hf_tokenizer(p, cfg), str(p), "hf", {})
+        return Loaded(model, tok, str(p), "hf", {})
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         cfg, table = gguf.open_gguf(p)
+        tok = _tokenizer_first(gguf.gguf_tokenizer, p, cfg)
         model = build_model(cfg, gguf.gguf_weights(p, table, cfg, dtype), str(p), dtype,
                             shapes=gguf.gguf_shapes(table))
-        return Loaded(model, gguf.gguf_tokenizer(p, cfg), str(p), "gguf", {})
+        return Loaded(model, tok, str(p), "gguf", {})
     if p.suffix == ".gguf":
         raise SlimswarmError(f"{p}: not a GGUF file (bad magic {magic!r})")
     if p.suffix == ".bin":
