@@ -184,3 +184,12 @@ def test_replaced_kv_cache_is_freed_even_after_a_native_step(stories):
     model.setup_cache(2, 64)
     gc.collect()
     assert old() is None
+
+
+def test_load_without_tokenizer_for_callers_that_never_read_text(data_dir):
+    """`slimswarm bench` feeds token ids: its load builds no tokenizer (~15 MB resident, ~40 MB while built)."""
+    from slimswarm import load
+
+    for ref in ("stories260k", "stories260k-llama2c"):
+        bare = load(ref, load_tokenizer=False)
+        assert bare.tokenizer is None and bare.model.config.vocab_size == 512

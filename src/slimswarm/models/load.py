@@ -90,8 +90,11 @@ def resolve(ref: str) -> Path | str:
     raise SlimswarmError(f"model {ref!r}: no such file or folder, and not a known name ({', '.join(NAMED)})")
 
 
-def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None) -> Loaded:
-    """Load any supported checkpoint into our model. ``tokenizer`` overrides the llama2.c tokenizer path."""
+def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
+         load_tokenizer: bool = True) -> Loaded:
+    """Load any supported checkpoint into our model. ``tokenizer`` overrides the llama2.c tokenizer path.
+    ``load_tokenizer=False``: ``Loaded.tokenizer`` is None (for callers that never read text, e.g. ``bench``; a
+    tokenizer is ~15 MB resident and ~40 MB while it is built)."""
     from . import gguf, hf, llama2c
     from .tokenizer import SentencePieceTokenizer
 
@@ -103,18 +106,18 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
         if (p / "slimswarm.json").exists():
             from .checkpoint import load_checkpoint  # pydantic (~5 MB resident) only for our checkpoints
 
-            return load_checkpoint(p, dtype=dtype)
+            return load_checkpoint(p, dtype=dtype, load_tokenizer=load_tokenizer)
         if not (p / "config.json").exists():
             raise SlimswarmError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
         cfg = hf.read_hf_config(p)
-        tok = _tokenizer_first(hf.read_hf_tokenizer, p, cfg)
+        tok = _tokenizer_first(hf.read_hf_tokenizer, p, cfg) if load_tokenizer else None
         model = build_model(cfg, hf.hf_weights(p, dtype), str(p), dtype, shapes=hf.hf_shapes(p))
         return Loaded(model, tok, str(p), "hf", {})
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         cfg, table = gguf.open_gguf(p)
-        tok = _tokenizer_first(gguf.gguf_tokenizer, p, cfg)
+        tok = _tokenizer_first(gguf.gguf_tokenizer, p, cfg) if load_tokenizer else None
         model = build_model(cfg, gguf.gguf_weights(p, table, cfg, dtype), str(p), dtype,
                             shapes=gguf.gguf_shapes(table))
         return Loaded(model, tok, str(p), "gguf", {})
@@ -128,5 +131,5 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
         if tok_path is None or not tok_path.exists():
             raise SlimswarmError(f"{p}: no SentencePiece tokenizer beside it (tok512.model or tokenizer.model)")
         model = build_model(cfg, sd, str(p), dtype)
-        return Loaded(model, SentencePieceTokenizer(tok_path), str(p), "llama2c", {})
+        return Loaded(model, SentencePieceTokenizer(tok_path) if load_tokenizer else None, str(p), "llama2c", {})
     raise SlimswarmError(f"{p}: unknown checkpoint format (expected a model folder, .gguf or llama2.c .bin)")
