@@ -4,8 +4,8 @@ SmolLM2 GGUF (fp32) and a w4g128 checkpoint. The goal (issue #11): peak <= 1.5 x
     .venv/bin/python benchmarks/load_memory.py [--tokens 64]
 
 Each command runs in its own process under a wrapper that reads the child's ru_maxrss. "runtime" is a process
-that imports what the CLI imports (torch, transformers, gguf, safetensors, slimswarm) and loads nothing: the
-bytes any model comes on top of. bench measures the bandwidth in a child process; its own peak
+that imports what the CLI imports before it reads a model (torch, numpy, safetensors, tokenizers, slimswarm.cli;
+no longer transformers, gguf or pydantic) and loads nothing: the bytes any model comes on top of. bench measures the bandwidth in a child process; its own peak
 (`peak_rss_bytes` in its JSON, RUSAGE_SELF) is the model process, the wrapper's figure includes that child.
 """
 
@@ -21,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-RUNTIME = ("import torch, numpy, gguf, safetensors, transformers; from transformers import AutoTokenizer; "
-           "import slimswarm.cli")
+RUNTIME = "import torch, numpy, safetensors, tokenizers; import slimswarm.cli; slimswarm.cli.build_parser()"
 PROMPT = "Hello, my name is"
 WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
            "sys.stderr.write(r.stderr[-2000:]); print('OUT', (r.stdout.strip().splitlines() or [''])[-1]); "
@@ -86,13 +85,16 @@ def main() -> None:
 
 def notes(runtime: int) -> list[str]:
     return [
-        f"runtime: peak RSS of `python -c \"{RUNTIME}\"` = {runtime / 1e6:.0f} MB (import torch alone: ~220 MB).",
-        "Before this change (commit df45b1d, measured with /usr/bin/time -v and VmHWM): slimswarm generate "
-        "smollm2-135m 1,291 MB, generate w4g128-rtn 914 MB; bench reported its 1 GB bandwidth buffer in its peak.",
-        "Where it went: gguf.GGUFReader's parsed metadata (160 MB, held during the load), torch's Python meta "
-        "kernels imported by building the skeleton on the meta device (136 MB), the whole state dict beside the "
-        "model, a full random fp32 model built before a quantized checkpoint was loaded into it (538 MB), and "
-        "bench's bandwidth buffer (1 GB). The tokenizer (transformers over tokenizers) still takes ~60-80 MB.",
+        f"runtime: peak RSS of `python -c \"{RUNTIME}\"` = {runtime / 1e6:.0f} MB (import torch alone: ~229 MB). "
+        "The tokenizer cache is warm (this script loads each model once before its runs): a first-ever load "
+        "converts the tokenizer with transformers and peaks higher.",
+        "History: commit df45b1d: generate smollm2-135m 1,291 MB, generate w4g128-rtn 914 MB (gguf.GGUFReader's "
+        "parsed metadata, torch's meta kernels, the whole state dict beside the model, a random fp32 model under "
+        "a quantized checkpoint, bench's 1 GB bandwidth buffer). Commit de3f0f4: generate 960 MB, bench 1,004 MB "
+        "(the shape check's meta skeleton still imported sympy and torch._dynamo through RoPE's arange, +70 MB; "
+        "transformers' tokenizer, ~45 MB with its import; the C heap's freed temporaries, 0-42 MB; pydantic "
+        "and the agents package imported by the CLI, ~10 MB; bench: a replaced KV cache kept alive by the "
+        "native step, 17 MB).",
         "A shared 2-core VM: RSS of file-backed pages (libtorch) can shrink under other jobs' memory pressure; "
         "peaks are the high-water marks.",
     ]

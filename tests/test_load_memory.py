@@ -80,3 +80,116 @@ def test_generate_peak_rss_within_1_5x_weights_plus_kv(smollm2):
     w = weight_bytes(smollm2.model)
     assert w == 538_060_032
     assert peak - runtime <= 1.5 * (w + kv), (peak, runtime, w, kv)
+
+
+_LOAD_ANON = """
+import sys, torch, slimswarm.cli
+from slimswarm.models import gguf
+from slimswarm.models.load import build_model, smollm2_gguf_path
+def anon():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) * 1024
+p = smollm2_gguf_path()
+cfg, table = gguf.open_gguf(p)
+before = anon()
+model = build_model(cfg, gguf.gguf_weights(p, table, cfg, torch.float32), str(p), torch.float32,
+                    shapes=gguf.gguf_shapes(table))
+print(anon() - before, sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values()),
+      sorted(m for m in ('sympy', 'torch._dynamo', 'gguf', 'transformers') if m in sys.modules))
+"""
+
+
+@pytest.mark.slow
+def test_gguf_load_grows_anonymous_memory_by_the_weights_and_little_more(smollm2):
+    """Loading the fp32 GGUF in a fresh process: private memory grows by the weights + at most 8 MB. Before: the
+    shape check's meta skeleton imported sympy and torch._dynamo (+70 MB), and the C heap kept the load's freed
+    temporaries resident (+0-42 MB, varying from run to run); now ~1 MB beyond the weights."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    for _ in range(2):  # the heap's leftovers varied between runs: two fresh processes
+        out = subprocess.run([sys.executable, "-c", _LOAD_ANON], capture_output=True, text=True, env=env, check=True)
+        grown, weights, modules = out.stdout.strip().split(" ", 2)
+        assert int(weights) == 538_060_032
+        assert int(grown) <= int(weights) + 8_000_000, (int(grown) - int(weights)) / 1e6
+        assert modules == "[]"  # no meta kernels, no gguf package (its formats are read by torch ops here)
+
+
+@pytest.mark.slow
+def test_generate_peak_rss_within_1_5x_weights_plus_kv_including_the_runtime(smollm2):
+    """Issue #11's goal, torch and the tokenizer included: a fresh fp32 `slimswarm generate` peaks under
+    1.5 x (weight bytes + KV bytes) (812 MB here; 960 MB before). The cached tokenizer is warm (the fixture)."""
+    from slimswarm.evaluate.size import weight_bytes
+
+    cfg = smollm2.model.config
+    tokens = 64
+    peak = _child_peak_rss([sys.executable, "-m", "slimswarm.cli", "generate", "smollm2-135m", "Hello, my name is",
+                            "--max-tokens", str(tokens), "--no-chat"])
+    prompt = len(smollm2.tokenizer.encode("Hello, my name is"))
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt + tokens) * 4
+    assert peak <= 1.5 * (weight_bytes(smollm2.model) + kv), (peak / 1e6, kv)
+
+
+def test_gguf_block_sizes_we_know_are_ggmls():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from slimswarm.models.gguf_header import KNOWN_TYPES
+
+    for value, (name, block, size) in KNOWN_TYPES.items():
+        q = GGMLQuantizationType(value)
+        assert (q.name, *GGML_QUANT_SIZES[q]) == (name, block, size)
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_dequantization_is_bit_identical_to_gguf_quants(kind, dtype, tmp_path):
+    """Our torch de-quantization of each format it handles equals gguf.quants' numpy one, bit for bit, through
+    the chunked reader (rows split across chunks) and for a bf16 target."""
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from slimswarm.models import gguf as G
+    from slimswarm.models.gguf_header import GGMLType, GGUFTensor
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(96, 256, generator=g) * torch.logspace(-3, 1, 96)[:, None]).numpy()
+    q = GGMLQuantizationType[kind]
+    raw = np.ascontiguousarray(x if kind == "F32" else x.astype(np.float16) if kind == "F16" else quantize(x, q))
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"\0" * 7 + raw.tobytes())
+    ref = torch.from_numpy(np.asarray(dequantize(raw.view(np.uint8).reshape(96, -1), q), dtype=np.float32).copy())
+    t = GGUFTensor("blk.0.ffn_up.weight", GGMLType(q.value, kind), (96, 256), 7, raw.nbytes)
+    chunk = G.CHUNK_BYTES
+    try:
+        G.CHUNK_BYTES = raw.nbytes // 5  # several chunks, the last one short
+        with open(path, "rb") as f:
+            got = G._dequantized(f, t, dtype, path, bytearray(16))
+    finally:
+        G.CHUNK_BYTES = chunk
+    assert got.dtype == dtype and torch.equal(got, ref.to(dtype))
+
+
+def test_replaced_kv_cache_is_freed_even_after_a_native_step(stories):
+    """setup_cache drops the old cache before allocating the new one, and the native step does not keep it alive."""
+    import gc
+    import weakref
+
+    from slimswarm.kernels import native
+    from slimswarm.models.generate import generate_ids
+    from slimswarm.models.sampling import SamplingParams
+
+    model = stories.model
+    generate_ids(model, [[1, 2, 3]], SamplingParams(max_tokens=3))
+    old = weakref.ref(model.model.layers[0].self_attn.cache)
+    if native.step_for(model) is not None:  # a machine with the C step: it has bound the cache above
+        assert native.step_for(model)._caches is not None
+    model.setup_cache(2, 64)
+    gc.collect()
+    assert old() is None
+
+
+def test_load_without_tokenizer_for_callers_that_never_read_text(data_dir):
+    """`slimswarm bench` feeds token ids: its load builds no tokenizer (~15 MB resident, ~40 MB while built)."""
+    from slimswarm import load
+
+    for ref in ("stories260k", "stories260k-llama2c"):
+        bare = load(ref, load_tokenizer=False)
+        assert bare.tokenizer is None and bare.model.config.vocab_size == 512

@@ -14,12 +14,13 @@ DTYPES = ("float32", "bfloat16")
 KV_DTYPES = ("fp32", "bf16", "fp16", "int8")  # models.llama.KV_DTYPES (not imported: the CLI starts without torch)
 
 
-def _load(args):
+def _load(args, load_tokenizer: bool = True):
     import torch
 
     from .models.load import load
 
-    loaded = load(args.model, dtype=getattr(torch, args.dtype), tokenizer=getattr(args, "tokenizer", None))
+    loaded = load(args.model, dtype=getattr(torch, args.dtype), tokenizer=getattr(args, "tokenizer", None),
+                  load_tokenizer=load_tokenizer)
     if getattr(args, "kv_cache", None):
         loaded.model.kv_dtype = args.kv_cache
     return loaded
@@ -93,7 +94,7 @@ def cmd_bench(args) -> int:
     from .evaluate.size import disk_bytes, weight_bytes
     from .evaluate.speed import speed_report
 
-    loaded = _load(args)
+    loaded = _load(args, load_tokenizer=False)  # bench feeds token ids: no tokenizer to build or hold
     row = {"name": Path(loaded.source).name, "weight_bytes": weight_bytes(loaded.model),
            "disk_bytes": disk_bytes(loaded.source), **speed_report(loaded.model, new_tokens=args.new_tokens)}
     if args.out:
@@ -115,8 +116,7 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop or [])
     loaded = _load(args)
-    chat = args.chat if args.chat is not None else bool(getattr(loaded.tokenizer.hf, "chat_template", None)
-                                                       if hasattr(loaded.tokenizer, "hf") else False)
+    chat = args.chat if args.chat is not None else bool(loaded.tokenizer.chat_template)
     c = generate(loaded.model, loaded.tokenizer, [args.prompt], params, chat=chat)[0]
     if args.json:
         print(json.dumps({"text": c.text, "tokens": len(c.tokens), "finish_reason": c.finish_reason}))

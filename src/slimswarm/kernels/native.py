@@ -377,7 +377,10 @@ class NativeStep:
         # the modules' own dicts, not attribute access (nn.Module.__getattr__ x 60 was ~0.1 ms a step)
         caches = [layer._modules["self_attn"]._modules.get("cache")
                   for layer in model._modules["model"]._modules["layers"]._modules.values()]
-        if self._caches is not None and caches == self._caches:  # KVCache has no __eq__: identity
+        # Weak references: holding the caches themselves kept a replaced cache alive until the next native call
+        # (bench: the 8-row cache, 17 MB, beside the 512-slot one its prefill measure allocates).
+        if self._caches is not None and len(caches) == len(self._caches) and all(
+                r() is c for r, c in zip(self._caches, caches)):
             return
         m = self.model_struct
         dt = None
@@ -396,7 +399,7 @@ class NativeStep:
             L.ks, L.vs = (None, None) if c.ks is None else (c.ks.data_ptr(), c.vs.data_ptr())
         m.cache_rows, m.cache_len = caches[0].k.shape[0], caches[0].k.shape[2]
         m.cache_dtype = _CACHE_DT[dt]
-        self._caches = caches
+        self._caches = [weakref.ref(c) for c in caches]
 
     def _context(self, nth: int):
         key = (nth, int(self.model_struct.cache_len))

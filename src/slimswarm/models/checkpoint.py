@@ -180,7 +180,7 @@ def _build(cfg: ModelConfig, d: _CheckpointDoc, target: torch.dtype, source: Pat
     return model
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, load_tokenizer: bool = True):
     """Rebuild the (compressed) model exactly as saved: quantized modules first, then the tensors. The model is
     built on the meta device and checked against the file's tensor shapes (read from the safetensors header)
     before any real memory is taken; the tensors are then read one layer at a time."""
@@ -208,6 +208,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
         skeleton = _build(cfg, d, target, path)
     check_shapes(skeleton, shapes, str(path))
     del skeleton
+    # before the weights: its build's transient stays below their peak
+    tok = _checkpoint_tokenizer(path, d, cfg) if load_tokenizer else None
     model = _build(cfg, d, target, path)
     try:
         missing, unexpected = load_streamed(model, ((k, st.get_tensor(k)) for k in st.keys()))
@@ -223,10 +225,17 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None):
             m.check_loaded(f"{path}: {name}")
     model.inv_freq = rope_inv_freq(cfg).float()
     model.eval()
+    return Loaded(model, tok, str(path), "slimswarm", doc)
+
+
+def _checkpoint_tokenizer(path: Path, d, cfg: ModelConfig):
+    from .heap import release_freed_memory
+
     if d.tokenizer == "hf":
         from .hf import read_hf_tokenizer
 
         tok = read_hf_tokenizer(path, cfg)
     else:
         tok = SentencePieceTokenizer(path / "tokenizer.model")
-    return Loaded(model, tok, str(path), "slimswarm", doc)
+    release_freed_memory()
+    return tok

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import native
+from .heap import release_freed_memory
 from .llama import CausalLM
 from .sampling import GREEDY_BELOW, SamplingParams, sample_next
 from .tokenizer import Tokenizer
@@ -68,6 +69,7 @@ def generate_ids(
     t0 = time.perf_counter()
     logits = model(tokens, 0, pad, last_only=True)[:, -1]
     t_prefill = time.perf_counter() - t0
+    release_freed_memory()  # the prefill's activations, freed between the caches and weights (models/heap.py)
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     reason = ["length"] * b

@@ -5,7 +5,8 @@ Why not ``gguf.GGUFReader``: it parses every metadata array into numpy views, on
 Here arrays of strings are skipped over (only their length is kept) and small numeric arrays are read. The
 format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): magic, version, tensor count, metadata count,
 metadata key/value pairs, tensor infos (name, dims, type, offset), padding to the alignment, tensor data.
-The types, block sizes and de-quantization still come from the ``gguf`` package.
+The block sizes of the formats slimswarm de-quantizes itself are below; every other tensor type is looked up in
+the ``gguf`` package, which is then imported (a few MB of resident modules: yaml, sentencepiece, its writer).
 """
 
 from __future__ import annotations
@@ -22,11 +23,35 @@ SMALL_ARRAY = 4096  # numeric arrays up to this length are read (per-layer head 
 
 
 @dataclass(frozen=True)
+class GGMLType:
+    """A tensor type of the file: ggml's number and name (``gguf.GGMLQuantizationType(value)`` is the same type)."""
+
+    value: int
+    name: str
+
+
+# ggml type number -> (name, values per block, bytes per block); tests/test_load_memory.py checks them against gguf's
+KNOWN_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
+               30: ("BF16", 1, 2)}
+
+
+def _type_info(ttype: int) -> tuple[GGMLType, int, int]:
+    known = KNOWN_TYPES.get(ttype)
+    if known is None:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        qtype = GGMLQuantizationType(ttype)  # ValueError for a number ggml does not have
+        known = (qtype.name, *GGML_QUANT_SIZES[qtype])
+    name, block, type_size = known
+    return GGMLType(ttype, name), block, type_size
+
+
+@dataclass(frozen=True)
 class GGUFTensor:
     """Where one tensor lies in the file; the weights are read later, one at a time."""
 
     name: str
-    tensor_type: Any  # gguf.GGMLQuantizationType
+    tensor_type: GGMLType
     shape: tuple[int, ...]  # torch order (rows first)
     data_offset: int  # from the start of the file
     n_bytes: int
@@ -86,8 +111,6 @@ class _Cursor:
 
 def read_header(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     """(metadata {key: value}, tensor table). Raises ValueError on anything that is not a well-formed GGUF."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size < 24:
@@ -117,8 +140,7 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             start = -(-c.pos // align) * align
     table = []
     for name, dims, ttype, offset in infos:
-        qtype = GGMLQuantizationType(ttype)
-        block, type_size = GGML_QUANT_SIZES[qtype]
+        qtype, block, type_size = _type_info(ttype)
         n = 1
         for d in dims:
             n *= d

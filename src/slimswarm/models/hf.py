@@ -10,7 +10,7 @@ import torch
 
 from ..errors import SlimswarmError
 from .llama import ModelConfig
-from .tokenizer import HFTokenizer
+from .tokenizer import HFTokenizer, cache_root, folder_cache_key, replayed_or_loaded
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -74,13 +74,19 @@ def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[st
 
 
 def read_hf_tokenizer(folder: Path, cfg: ModelConfig) -> HFTokenizer:
-    from transformers import AutoTokenizer
+    """The folder's tokenizer: replayed without transformers when it has a tokenizer.json that transformers has
+    loaded once before (see models/tokenizer.py), else through transformers."""
+    def load_hf():
+        from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:
-        raise SlimswarmError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {e})") from None
-    return HFTokenizer(tok, cfg.eos_token_id)
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:
+            raise SlimswarmError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+
+    if not (folder / "tokenizer.json").is_file():
+        return HFTokenizer(load_hf(), cfg.eos_token_id)
+    return replayed_or_loaded(cache_root() / f"dir-{folder_cache_key(folder)}", load_hf, cfg.eos_token_id)
 
 
 def download_hub(repo_id: str) -> Path:

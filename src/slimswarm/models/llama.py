@@ -226,7 +226,9 @@ class ModelConfig:
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies, with Llama 3 / linear scaling applied where the config asks for it."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    # On the CPU even inside ``with torch.device("meta")`` (the shape check's skeleton): arange on the meta
+    # device runs torch's Python meta kernels, whose first use imports sympy and torch._dynamo (+70 MB RSS).
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     s = cfg.rope_scaling
     if not s:
         return inv
@@ -476,6 +478,12 @@ class CausalLM(nn.Module):
             first = self.model.layers[0].self_attn.cache
             if first is not None and first.kind == dtype:
                 return
+        from .heap import release_freed_memory
+
+        # The old caches go first, so the new ones can take their memory (replaced layer by layer, each old cache
+        # left a hole too small for its successor: bench's three cache sizes held ~40 MB of such holes).
+        self.clear_cache()
+        release_freed_memory()
         # Normal (not inference-mode) tensors, so the cache works both inside and outside inference_mode.
         with torch.inference_mode(False), torch.no_grad():
             for layer in self.model.layers:

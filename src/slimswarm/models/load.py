@@ -10,7 +10,6 @@ import torch
 
 from ..data import data_dir
 from ..errors import SlimswarmError
-from .checkpoint import load_checkpoint
 from .llama import CausalLM, ModelConfig, rope_inv_freq
 from .loaded import Loaded
 
@@ -69,6 +68,16 @@ def build_model(cfg: ModelConfig, sd, source: str, dtype=torch.float32, shapes=N
     return model.to(dtype).eval()
 
 
+def _tokenizer_first(read, *args):
+    """The tokenizer, read before the weights: building it (a JSON vocabulary parsed in Rust) briefly takes ~40 MB,
+    which then lands below the weights' peak instead of on top of it, and its freed pages go back to the system."""
+    from .heap import release_freed_memory
+
+    tok = read(*args)
+    release_freed_memory()
+    return tok
+
+
 def resolve(ref: str) -> Path | str:
     """A named default → its path; an existing path → itself; else the string (a hub id)."""
     if ref.lower() in NAMED:
@@ -81,8 +90,11 @@ def resolve(ref: str) -> Path | str:
     raise SlimswarmError(f"model {ref!r}: no such file or folder, and not a known name ({', '.join(NAMED)})")
 
 
-def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None) -> Loaded:
-    """Load any supported checkpoint into our model. ``tokenizer`` overrides the llama2.c tokenizer path."""
+def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | Path | None = None,
+         load_tokenizer: bool = True) -> Loaded:
+    """Load any supported checkpoint into our model. ``tokenizer`` overrides the llama2.c tokenizer path.
+    ``load_tokenizer=False``: ``Loaded.tokenizer`` is None (for callers that never read text, e.g. ``bench``; a
+    tokenizer is ~15 MB resident and ~40 MB while it is built)."""
     from . import gguf, hf, llama2c
     from .tokenizer import SentencePieceTokenizer
 
@@ -92,19 +104,23 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
     p = target
     if p.is_dir():
         if (p / "slimswarm.json").exists():
-            return load_checkpoint(p, dtype=dtype)
+            from .checkpoint import load_checkpoint  # pydantic (~5 MB resident) only for our checkpoints
+
+            return load_checkpoint(p, dtype=dtype, load_tokenizer=load_tokenizer)
         if not (p / "config.json").exists():
             raise SlimswarmError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
         cfg = hf.read_hf_config(p)
+        tok = _tokenizer_first(hf.read_hf_tokenizer, p, cfg) if load_tokenizer else None
         model = build_model(cfg, hf.hf_weights(p, dtype), str(p), dtype, shapes=hf.hf_shapes(p))
-        return Loaded(model, hf.read_hf_tokenizer(p, cfg), str(p), "hf", {})
+        return Loaded(model, tok, str(p), "hf", {})
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         cfg, table = gguf.open_gguf(p)
+        tok = _tokenizer_first(gguf.gguf_tokenizer, p, cfg) if load_tokenizer else None
         model = build_model(cfg, gguf.gguf_weights(p, table, cfg, dtype), str(p), dtype,
                             shapes=gguf.gguf_shapes(table))
-        return Loaded(model, gguf.gguf_tokenizer(p, cfg), str(p), "gguf", {})
+        return Loaded(model, tok, str(p), "gguf", {})
     if p.suffix == ".gguf":
         raise SlimswarmError(f"{p}: not a GGUF file (bad magic {magic!r})")
     if p.suffix == ".bin":
@@ -115,5 +131,5 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, tokenizer: str | P
         if tok_path is None or not tok_path.exists():
             raise SlimswarmError(f"{p}: no SentencePiece tokenizer beside it (tok512.model or tokenizer.model)")
         model = build_model(cfg, sd, str(p), dtype)
-        return Loaded(model, SentencePieceTokenizer(tok_path), str(p), "llama2c", {})
+        return Loaded(model, SentencePieceTokenizer(tok_path) if load_tokenizer else None, str(p), "llama2c", {})
     raise SlimswarmError(f"{p}: unknown checkpoint format (expected a model folder, .gguf or llama2.c .bin)")

@@ -11,7 +11,7 @@ from .tokenizer import Tokenizer
 @dataclass
 class Loaded:
     model: CausalLM
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when loaded with load_tokenizer=False
     source: str  # resolved path or hub id
     kind: str  # "hf", "gguf", "llama2c", "slimswarm"
     meta: dict

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .heap import release_freed_memory
 from .llama import CausalLM, ModelConfig
 
 _INITS = ("kaiming_uniform_", "uniform_", "normal_", "zeros_", "ones_")
@@ -78,6 +79,7 @@ def load_streamed(model: nn.Module, tensors, assign: bool = False, skip: Iterabl
         unexpected += unexp
         loaded.update(group)
         del group
+        release_freed_memory()
     missing = sorted(expected - loaded)
     return missing, unexpected
 
