@@ -298,3 +298,35 @@ def test_sequences_packed_into_shared_prefill_calls_equal_one_at_a_time(act8):
     # chains), so fp32 order; an int8 code on a rounding boundary could flip (none does here)
     assert (one - packed).abs().max().item() <= TOL
     assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(kv1, kv2))
+
+
+def test_python_prefill_in_pieces_equals_one_forward(monkeypatch):
+    """A long cached prompt on the Python path goes PREFILL_CHUNK tokens a forward (its activations bounded by the
+    piece): the same last logits and cache as one forward, with left padding and after a cached prefix."""
+    import slimswarm.models.llama as llama
+
+    m = _model(seed=11)
+    b = 2
+    x = torch.tensor([[(5 * i + 3 * r) % 96 for i in range(13)] for r in range(b)])
+    pad = torch.tensor([0, 3])
+
+    def run(chunk, start):
+        monkeypatch.setattr(llama, "PREFILL_CHUNK", chunk)
+        m.setup_cache(b, 32)
+        os.environ["SLIMSWARM_NATIVE"] = "0"
+        try:
+            with torch.inference_mode():
+                if start:
+                    m(torch.zeros(b, start, dtype=torch.long) + 7, 0, pad, last_only=True)
+                lg = m(x, start, pad, last_only=True)[:, -1].clone()
+            kv = torch.stack([_kv(m, r, list(range(start + 13))) for r in range(b)])
+        finally:
+            os.environ.pop("SLIMSWARM_NATIVE")
+            m.clear_cache()
+        return lg, kv
+
+    for start in (0, 4):
+        whole, kv_whole = run(256, start)
+        pieces, kv_pieces = run(5, start)
+        assert (whole - pieces).abs().max().item() <= TOL
+        assert (kv_whole - kv_pieces).abs().max().item() <= 1e-5

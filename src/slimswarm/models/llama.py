@@ -291,6 +291,7 @@ class RMSNorm(nn.Module):
 
 
 KV_DTYPES = ("fp32", "bf16", "fp16", "int8")
+PREFILL_CHUNK = 256  # prompt tokens per forward of a cached, last-position prefill on the Python path
 _KV_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -542,6 +543,12 @@ class CausalLM(nn.Module):
                 got = self._native_prefill(step, tokens, start, pad, row0)
                 if got is not None:
                     return got
+        if t > PREFILL_CHUNK and cached and last_only and not hidden_only and not torch.is_grad_enabled():
+            # a long prompt in pieces: each piece's activations (and attention scores, [heads, piece, kv_len]) are
+            # what a forward holds, not the whole prompt's (512 fp32 tokens: ~25 MB less at the peak)
+            for c0 in range(0, t, PREFILL_CHUNK):
+                out = self.forward(tokens[:, c0:c0 + PREFILL_CHUNK], start + c0, pad, last_only=True, row0=row0)
+            return out
         pos = slots if pad is None else (slots - pad[:, None]).clamp_min(0)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(pos, x.dtype)
