@@ -43,6 +43,11 @@ def main() -> None:
     ap.add_argument("--bench-tokens", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_memory"))
     args = ap.parse_args()
+    from slimswarm.evaluate.report import NOTES_HEADING
+
+    md = Path(args.out + ".md")
+    old = md.read_text() if md.exists() else ""
+    hand = old[old.find(NOTES_HEADING):] if NOTES_HEADING in old else ""  # kept below every rewrite
 
     from slimswarm import load
     from slimswarm.evaluate.report import write_report
@@ -81,6 +86,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             write_report(rows, args.out, "python benchmarks/load_memory.py " + " ".join(sys.argv[1:]),
                          notes(runtime))  # after every row: a run cut short keeps what it measured
+            if hand:
+                md.write_text(md.read_text().rstrip("\n") + "\n\n" + hand)
 
 
 def notes(runtime: int) -> list[str]:
