@@ -154,10 +154,12 @@ class QuantLinear(nn.Module):
         decode step's repacked copy): ``restore()`` rebuilds ``qweight`` on the first use that needs it (the Python
         kernels, ``codes()``, saving, a device move). Returns the bytes freed. The state dict is unaffected: it
         always holds the codes."""
-        n = self._q().numel()
+        q = self._q()
         self._restore = restore
-        self.qweight = torch.empty(0, dtype=torch.uint8, device=self.qweight.device)
-        return n
+        # a one-byte placeholder of the stored shape (stride 0): shapes and the size counts (evaluate/size.py, the
+        # planner) still see the layer's stored codes; every reader of the values goes through _q()
+        self.qweight = torch.zeros(1, dtype=torch.uint8, device=q.device).expand(q.shape)
+        return q.numel()
 
     @property
     def codes_released(self) -> bool:
