@@ -644,6 +644,22 @@ def test_long_context_attention_matches_python(stories, kv):
         m.kv_dtype = None
 
 
+def act_rounded(x: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """``x`` rounded as the native step's int8 activations round a quantized layer's input: each activation block
+    (see _act_widths) to round(x / s) * s with s = max |x| / 127 (1 for an all-zero block)."""
+    widths = _act_widths(group_size, bits != 8)
+    xf, out = x.float(), torch.empty(x.shape, dtype=torch.float32)
+    for g0 in range(0, x.shape[-1], group_size):
+        c = g0
+        for w in widths:
+            seg = xf[..., c:c + w]
+            s = seg.abs().amax(-1, keepdim=True) / 127.0
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            out[..., c:c + w] = torch.round(seg / s) * s
+            c += w
+    return out.to(x.dtype)
+
+
 def _act_widths(gs: int, q4: bool) -> list[int]:
     """Python mirror of decode.c's activation blocks in one weight group: the columns that share one int8 scale."""
     if gs % 32:
@@ -714,18 +730,7 @@ def test_int8_activations_equal_a_python_emulation_of_their_rounding(bits, gs, h
     def emulated(self, x, kernel=None):
         if x.dim() == 3 and x.shape[1] > 1:  # the prefill runs the Python path with fp32 inputs in both runs
             return orig(self, x, kernel)
-        gs = self.group_size
-        widths = _act_widths(gs, self.bits != 8)
-        xf, out = x.float(), torch.empty(x.shape, dtype=torch.float32)
-        for g0 in range(0, x.shape[-1], gs):
-            c = g0
-            for w in widths:
-                seg = xf[..., c:c + w]
-                s = seg.abs().amax(-1, keepdim=True) / 127.0
-                s = torch.where(s > 0, s, torch.ones_like(s))
-                out[..., c:c + w] = torch.round(seg / s) * s
-                c += w
-        return orig(self, out.to(x.dtype), kernel)
+        return orig(self, act_rounded(x, self.group_size, self.bits), kernel)
 
     native.set_act_int8(m, True)
     try:

@@ -170,24 +170,14 @@ def test_int8_activation_prefill_equals_a_python_emulation_of_its_rounding(bits,
     such code, far below int8's own effect.)"""
     from slimswarm.compress.quant.linear import QuantLinear
 
-    from test_native import _act_widths
+    from test_native import act_rounded
 
     m = _model(seed=7, layers=1, inter=256)
     quantize_model(m, QuantizeConfig(method="rtn", bits=bits, group_size=gs, head_bits=8))
     orig = QuantLinear.forward
 
     def emulated(self, x, kernel=None):
-        widths = _act_widths(self.group_size, self.bits != 8)
-        xf, out = x.float(), torch.empty(x.shape, dtype=torch.float32)
-        for g0 in range(0, x.shape[-1], self.group_size):
-            c = g0
-            for w in widths:
-                seg = xf[..., c:c + w]
-                s = seg.abs().amax(-1, keepdim=True) / 127.0
-                s = torch.where(s > 0, s, torch.ones_like(s))
-                out[..., c:c + w] = torch.round(seg / s) * s
-                c += w
-        return orig(self, out.to(x.dtype), kernel)
+        return orig(self, act_rounded(x, self.group_size, self.bits), kernel)
 
     toks = [(11 * i + 5) % 96 for i in range(19)]
     native.set_act_int8(m, True)
