@@ -538,14 +538,14 @@ class CausalLM(nn.Module):
             if step is not None:
                 return step.decode(self, tokens[:, 0], slots[:, 0], pad, row0)[:, None].to(self.dtype)
         if t > 1 and cached and last_only and not hidden_only and not torch.is_grad_enabled():
-            step = native.prefill_step(self)  # the prompt through the same C step, 8 positions a call
+            step = native.prefill_step(self)  # the prompt through the same C step, 32 positions a call
             if step is not None:
                 got = self._native_prefill(step, tokens, start, pad, row0)
                 if got is not None:
                     return got
         if t > PREFILL_CHUNK and cached and last_only and not hidden_only and not torch.is_grad_enabled():
             # a long prompt in pieces: each piece's activations (and attention scores, [heads, piece, kv_len]) are
-            # what a forward holds, not the whole prompt's (512 fp32 tokens: ~25 MB less at the peak)
+            # what a forward holds, not the whole prompt's (bench's 512 fp32 tokens: ~20 MB less at the peak)
             for c0 in range(0, t, PREFILL_CHUNK):
                 out = self.forward(tokens[:, c0:c0 + PREFILL_CHUNK], start + c0, pad, last_only=True, row0=row0)
             return out
