@@ -467,18 +467,25 @@ def _milp(team, tables, devices: DeviceSet, cands, objective: str, elastic: bool
             else:
                 hi = mid
         z = lo
-    h, x, used, y, _ = _build(team, tables, devices, cands, z)
-    bytes_expr = _bytes_expr(cands, x, y, used, devs, tables)
-    if objective == "devices":
-        h.minimize(sum(used.values()))
-        if h.getModelStatus() != optimal:
-            return "infeasible", None
-        n = round(sum(h.val(u) for u in used.values()))
-        h.addConstr(sum(used.values()) <= n)
-    h.minimize(bytes_expr)
-    if h.getModelStatus() != optimal:
-        return "infeasible", None
-    return "optimal", _pick(h, x, cands)
+    # At the edge the bisection found, the model with an objective can come back infeasible within the solver's
+    # tolerances though the feasibility run passed (sim_desk on the devices probed on 2026-12-01: feasible at
+    # z = 7.126164 without an objective, infeasible with one, optimal at 0.01% inside): step back until it solves.
+    for back in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
+        zz = max(1.0, z * (1 - back))
+        h, x, used, y, _ = _build(team, tables, devices, cands, zz)
+        bytes_expr = _bytes_expr(cands, x, y, used, devs, tables)
+        if objective == "devices":
+            h.minimize(sum(used.values()))
+            if h.getModelStatus() != optimal:
+                continue
+            n = round(sum(h.val(u) for u in used.values()))
+            h.addConstr(sum(used.values()) <= n)
+        h.minimize(bytes_expr)
+        if h.getModelStatus() == optimal:
+            return "optimal", _pick(h, x, cands)
+        if zz == 1.0:
+            break
+    return "infeasible", None
 
 
 def _cand_bytes(c: Candidate) -> int:
