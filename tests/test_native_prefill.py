@@ -1,4 +1,4 @@
-"""The native prefill (kernels/decode.c ss_prefill: a prompt through the decode step, 8 positions a call, causal
+"""The native prefill (kernels/decode.c ss_prefill_rows: prompts through the decode step, 32 positions a call, causal
 inside each call) against the Python prefill: logits of the last position and every key/value it leaves in the
 cache, across call boundaries, after a cached prefix, with left padding, at another cache row, with a LoRA adapter;
 which forwards take it; the engine's batched admission through it."""

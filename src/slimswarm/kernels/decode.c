@@ -1224,11 +1224,6 @@ int ss_prefill_rows(ss_ctx *c, const ss_model *md, int64_t S, const int64_t *len
     return 0;
 }
 
-int ss_prefill(ss_ctx *c, const ss_model *md, int64_t T, const int64_t *tok, int64_t slot0, int64_t pad, int64_t row,
-               int32_t lslot, float *logits, int nth) {
-    return ss_prefill_rows(c, md, 1, &T, tok, &slot0, &pad, &row, &lslot, logits, nth);
-}
-
 /* The first index of the largest value (torch.argmax's choice among equal maxima; a NaN counts as the largest). */
 static int64_t argmax_f32(const float *x, int64_t n) {
     int64_t best = 0;

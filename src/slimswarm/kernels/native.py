@@ -113,8 +113,6 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ss_decode.restype = ctypes.c_int
     lib.ss_decode_greedy.argtypes = [P, P, I, P, P, P, I, P, P, ctypes.c_int, I, P, I, I, P, P, P]
     lib.ss_decode_greedy.restype = I
-    lib.ss_prefill.argtypes = [P, P, I, P, I, I, I, ctypes.c_int32, P, ctypes.c_int]
-    lib.ss_prefill.restype = ctypes.c_int
     lib.ss_prefill_rows.argtypes = [P, P, I, P, P, P, P, P, P, P, ctypes.c_int]
     lib.ss_prefill_rows.restype = ctypes.c_int
     lib.ss_repack_q4.argtypes, lib.ss_repack_q4.restype = [P, I, I, P], None
@@ -425,27 +423,10 @@ class NativeStep:
                              f"{sl.tolist()}, cache {self.model_struct.cache_rows}x{self.model_struct.cache_len})")
         return out
 
-    def prefill(self, model, tokens: torch.Tensor, start: int, pad: int, row: int, lslot: int = 0,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [vocab] (fp32) of the last of ``tokens`` [T] (one sequence) after writing all of them at cache slots
-        start..start+T-1 of row ``row`` (kernels/decode.c ss_prefill: 8 positions per step, causal inside each);
-        ``pad``: the row's leading padded slots (positions count from there); ``lslot``: its LoRA slot (0: none);
-        ``out``: a contiguous fp32 [vocab] to write the logits into (no copy afterwards: a torch copy or stack of
-        this size opens an OpenMP region whose spinning threads then slow the next C call)."""
-        self._bind_caches(model)
-        nth = max(1, torch.get_num_threads())
-        ctx = self._context(nth)
-        tok = tokens.reshape(-1).to(torch.int64).contiguous()
-        if out is None:
-            out = torch.empty(self.vocab, dtype=torch.float32)
-        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != self.vocab:
-            raise ValueError(f"prefill out: a contiguous fp32 tensor of {self.vocab} values, got {out.dtype} {tuple(out.shape)}")
-        rc = self.lib.ss_prefill(ctx, ctypes.byref(self.model_struct), tok.numel(), tok.data_ptr(), start, pad, row,
-                                 lslot, out.data_ptr(), nth)
-        if rc != 0:
-            raise ValueError(f"native prefill refused its arguments (row {row}, slots {start}..{start + tok.numel() - 1}, "
-                             f"pad {pad}, cache {self.model_struct.cache_rows}x{self.model_struct.cache_len})")
-        return out
+    def prefill(self, model, tokens: torch.Tensor, start: int, pad: int, row: int, lslot: int = 0) -> torch.Tensor:
+        """Logits [vocab] (fp32) of the last of ``tokens`` [T] (one sequence) written at cache slots start.. of row
+        ``row`` (``pad``: its leading padded slots; ``lslot``: its LoRA slot, 0 none): ``prefill_rows`` of one."""
+        return self.prefill_rows(model, [tokens], [start], [pad], [row], [lslot])[0]
 
     def prefill_rows(self, model, seqs: list, starts: list[int], pads: list[int] | None, rows: list[int],
                      lslots: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
