@@ -13,11 +13,13 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 RUNTIME = "import torch, numpy, gguf, safetensors, transformers; from transformers import AutoTokenizer; import slimswarm.cli"
 
 
-def _child_peak_rss(args: list[str]) -> int:
-    """ru_maxrss (bytes) of one fresh process, read by a wrapper that runs only it (RUSAGE_CHILDREN never shrinks)."""
+def _child_peak_rss(args: list[str], extra_env: dict[str, str] | None = None) -> int:
+    """ru_maxrss (bytes) of one fresh process, read by a wrapper that runs only it (RUSAGE_CHILDREN never shrinks;
+    it is the largest of the process and its own children: a compiler or the tokenizer converter, not their sum)."""
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           **(extra_env or {})}
     out = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, env=env, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -113,18 +115,25 @@ def test_gguf_load_grows_anonymous_memory_by_the_weights_and_little_more(smollm2
 
 
 @pytest.mark.slow
-def test_generate_peak_rss_within_1_5x_weights_plus_kv_including_the_runtime(smollm2):
+def test_generate_peak_rss_within_1_5x_weights_plus_kv_including_the_runtime(smollm2, tmp_path):
     """Issue #11's goal, torch and the tokenizer included: a fresh fp32 `slimswarm generate` peaks under
-    1.5 x (weight bytes + KV bytes) (812 MB here; 960 MB before). The cached tokenizer is warm (the fixture)."""
+    1.5 x (weight bytes + KV bytes) (812 MB here; 960 MB before), on its first run (nothing cached: the kernels
+    compile and transformers converts the GGUF tokenizer in child processes) and on the next (both cached).
+    The first run peaked at 893-898 MB while the conversion ran in-process."""
     from slimswarm.evaluate.size import weight_bytes
 
     cfg = smollm2.model.config
     tokens = 64
-    peak = _child_peak_rss([sys.executable, "-m", "slimswarm.cli", "generate", "smollm2-135m", "Hello, my name is",
-                            "--max-tokens", str(tokens), "--no-chat"])
     prompt = len(smollm2.tokenizer.encode("Hello, my name is"))
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt + tokens) * 4
-    assert peak <= 1.5 * (weight_bytes(smollm2.model) + kv), (peak / 1e6, kv)
+    bound = 1.5 * (weight_bytes(smollm2.model) + kv)
+    cache = tmp_path / "cache"  # empty: not the user's cache, whatever earlier tests or runs left there
+    env = {"SLIMSWARM_CACHE": str(cache)}
+    for run in ("first", "cached"):
+        peak = _child_peak_rss([sys.executable, "-m", "slimswarm.cli", "generate", "smollm2-135m", "Hello, my name is",
+                                "--max-tokens", str(tokens), "--no-chat"], env)
+        assert peak <= bound, (run, peak / 1e6, bound / 1e6)
+        assert any(cache.rglob("replay.json")) and any(cache.rglob("decode-*.so"))
 
 
 def test_gguf_block_sizes_we_know_are_ggmls():

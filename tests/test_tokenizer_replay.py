@@ -17,8 +17,10 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture
 def own_cache(tmp_path, monkeypatch):
-    """An empty tokenizer cache, so each test sees transformers convert first and the replay load after it."""
+    """An empty tokenizer cache, so each test sees transformers convert first (in-process: these tests compare the
+    replay with that very tokenizer) and the replay load after it."""
     monkeypatch.setenv("SLIMSWARM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLIMSWARM_TOKENIZER_CHILD", "0")
     return tmp_path / "cache"
 
 
@@ -163,3 +165,65 @@ def test_generate_on_the_gguf_never_imports_transformers(smollm2):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().splitlines()[-1] == "MODULES []", out.stdout[-500:]
+
+
+_COLD_LOAD = """
+import sys
+from slimswarm.models import gguf
+from slimswarm.models.hf import read_hf_tokenizer
+from slimswarm.models.load import smollm2_gguf_path
+from pathlib import Path
+p = smollm2_gguf_path()
+cfg, _ = gguf.open_gguf(p)
+tok = gguf.gguf_tokenizer(p, cfg)
+folder = read_hf_tokenizer(Path(sys.argv[1]), None)
+print(type(tok).__name__, type(folder).__name__, 'transformers' in sys.modules, tok.encode(sys.argv[2]),
+      folder.encode(sys.argv[2]))
+"""
+
+
+def test_first_load_converts_in_a_child_and_never_imports_transformers(tmp_path, smollm2, stories, data_dir):
+    """Nothing cached: a child process runs transformers' conversion and writes the cache; the process itself
+    replays it and never imports transformers. Same ids as the transformers-backed tokenizers of the fixtures."""
+    text = "Once upon a time, 12 émoji 🤖 <|im_start|>"
+    env = {**os.environ, "PYTHONPATH": SRC, "SLIMSWARM_CACHE": str(tmp_path / "cache")}
+    env.pop("SLIMSWARM_TOKENIZER_CHILD", None)
+    out = subprocess.run([sys.executable, "-c", _COLD_LOAD, str(data_dir / "models/stories260K/hf"), text],
+                         capture_output=True, text=True, env=env, check=True)
+    gguf_type, hf_type, imported, rest = out.stdout.strip().split(" ", 3)
+    assert (gguf_type, hf_type, imported) == ("ReplayedTokenizer", "ReplayedTokenizer", "False"), out.stdout
+    assert rest == f"{smollm2.tokenizer.hf.encode(text, add_special_tokens=False)} {stories.tokenizer.encode(text)}"
+    assert len(list((tmp_path / "cache").rglob("replay.json"))) == 2
+
+
+def test_a_failed_child_leaves_the_first_load_in_process(own_cache, monkeypatch, smollm2):
+    """The child cannot run (here: it exits 1 at once): the load goes through transformers in-process, as before,
+    and writes the cache itself."""
+    from slimswarm.models import gguf, tokenizer
+    from slimswarm.models.load import smollm2_gguf_path
+
+    monkeypatch.delenv("SLIMSWARM_TOKENIZER_CHILD")
+    calls = []
+    real_run = subprocess.run
+
+    def failing_run(args, **kw):
+        calls.append(args[-2:])
+        return real_run([sys.executable, "-c", "raise SystemExit(1)"], **kw)
+
+    monkeypatch.setattr(tokenizer.subprocess, "run", failing_run)
+    path = smollm2_gguf_path()
+    cfg, _ = gguf.open_gguf(path)
+    first = gguf.gguf_tokenizer(path, cfg)
+    assert calls == [["gguf", str(path.resolve())]] and type(first) is HFTokenizer
+    assert first.encode("Hello there") == smollm2.tokenizer.encode("Hello there")
+    assert type(gguf.gguf_tokenizer(path, cfg)) is ReplayedTokenizer and len(calls) == 1  # cached: no child
+
+
+def test_warm_tokenizer_command_reports_bad_input(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC, "SLIMSWARM_CACHE": str(tmp_path / "cache")}
+    bad = subprocess.run([sys.executable, "-m", "slimswarm.models.warm_tokenizer", "gguf", str(tmp_path / "none.gguf")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "none.gguf" in bad.stderr and bad.stderr.count("\n") == 1
+    usage = subprocess.run([sys.executable, "-m", "slimswarm.models.warm_tokenizer"], capture_output=True, text=True,
+                           env=env)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage:")

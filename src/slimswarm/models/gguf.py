@@ -223,7 +223,7 @@ def gguf_tokenizer(path: str | Path, cfg: ModelConfig) -> HFTokenizer:
             _convert_gguf_tokenizer(path, cache)
         return AutoTokenizer.from_pretrained(str(cache))
 
-    return replayed_or_loaded(cache, load_hf, cfg.eos_token_id)
+    return replayed_or_loaded(cache, load_hf, cfg.eos_token_id, source=("gguf", str(path)))
 
 
 def _convert_gguf_tokenizer(path: Path, cache: Path) -> None:

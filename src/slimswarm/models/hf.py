@@ -73,7 +73,7 @@ def read_hf_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[st
     return dict(hf_weights(folder, dtype))
 
 
-def read_hf_tokenizer(folder: Path, cfg: ModelConfig) -> HFTokenizer:
+def read_hf_tokenizer(folder: Path, cfg: ModelConfig | None) -> HFTokenizer:
     """The folder's tokenizer: replayed without transformers when it has a tokenizer.json that transformers has
     loaded once before (see models/tokenizer.py), else through transformers."""
     def load_hf():
@@ -84,9 +84,11 @@ def read_hf_tokenizer(folder: Path, cfg: ModelConfig) -> HFTokenizer:
         except Exception as e:
             raise SlimswarmError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {e})") from None
 
+    eos = cfg.eos_token_id if cfg is not None else None
     if not (folder / "tokenizer.json").is_file():
-        return HFTokenizer(load_hf(), cfg.eos_token_id)
-    return replayed_or_loaded(cache_root() / f"dir-{folder_cache_key(folder)}", load_hf, cfg.eos_token_id)
+        return HFTokenizer(load_hf(), eos)
+    return replayed_or_loaded(cache_root() / f"dir-{folder_cache_key(folder)}", load_hf, eos,
+                              source=("hf", str(folder)))
 
 
 def download_hub(repo_id: str) -> Path:

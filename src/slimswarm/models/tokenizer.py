@@ -2,7 +2,10 @@
 
 A Hugging Face tokenizer is built by transformers once and then replayed by the ``tokenizers`` library alone
 (``ReplayedTokenizer``): importing transformers and building its tokenizer costs ~35-60 MB of resident memory and
-about a second, more than the rest of a small model's runtime besides torch.
+about a second, more than the rest of a small model's runtime besides torch. The first load of a tokenizer
+(nothing cached yet) runs transformers in a child process that fills the cache (``python -m
+slimswarm.models.warm_tokenizer``), so even a process's first load never holds transformers beside its weights
+(+85 MB peak on SmolLM2 otherwise); ``SLIMSWARM_TOKENIZER_CHILD=0`` keeps that first load in-process.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,21 +193,61 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def replayed_or_loaded(cache: Path, load_hf: Callable[[], Any], eos_ids: list[int] | None) -> HFTokenizer:
-    """The tokenizer saved in ``cache`` replayed without transformers; else ``load_hf()`` (a transformers tokenizer)
-    wrapped as an HFTokenizer, after saving what a later load needs in ``cache`` (when its class allows replay)."""
-    meta = None
+def _read_meta(cache: Path) -> dict | None:
     try:
         meta = json.loads((cache / _META).read_text(encoding="utf-8"))
-        if meta.get("format") != REPLAY_FORMAT or meta.get("transformers") != _transformers_version():
-            meta = None
     except (OSError, ValueError):
-        pass
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != REPLAY_FORMAT or meta.get(
+            "transformers") != _transformers_version():
+        return None
+    return meta
+
+
+def _replayed(cache: Path, meta: dict | None, eos_ids, load_hf) -> ReplayedTokenizer | None:
+    if meta is None or not meta.get("replay"):
+        return None
+    try:
+        return ReplayedTokenizer(cache, meta, eos_ids, load_hf)
+    except Exception:  # noqa: BLE001 - a damaged cache file: the caller rebuilds it
+        return None
+
+
+def fill_cache_in_child(source: tuple[str, str]) -> bool:
+    """Run the first, transformers, load of a tokenizer in a child process, which writes the replay cache and exits
+    (``source``: ("gguf" | "hf", path), see models/warm_tokenizer.py). True when the child succeeded; any failure
+    leaves the load to the caller, in-process, where its error is reported."""
+    if os.environ.get("SLIMSWARM_TOKENIZER_CHILD", "1") == "0":
+        return False
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding the slimswarm package
+    env = {**os.environ, "SLIMSWARM_TOKENIZER_CHILD": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "slimswarm.models.warm_tokenizer", *source], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=900, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def replayed_or_loaded(cache: Path, load_hf: Callable[[], Any], eos_ids: list[int] | None,
+                       source: tuple[str, str] | None = None) -> HFTokenizer:
+    """The tokenizer saved in ``cache`` replayed without transformers; else (nothing usable cached) the cache filled
+    by a child process (``source`` says what it loads) and then replayed; else ``load_hf()`` (a transformers
+    tokenizer) wrapped as an HFTokenizer, after saving what a later load needs in ``cache`` (when its class allows
+    replay)."""
+    meta = _read_meta(cache)
+    tok = _replayed(cache, meta, eos_ids, load_hf)
+    if tok is not None:
+        return tok
+    if source is not None and (meta is None or meta.get("replay")) and fill_cache_in_child(source):
+        meta = _read_meta(cache)
+        tok = _replayed(cache, meta, eos_ids, load_hf)
+        if tok is not None:
+            return tok
     if meta is not None and meta.get("replay"):
-        try:
-            return ReplayedTokenizer(cache, meta, eos_ids, load_hf)
-        except Exception:  # noqa: BLE001 - a damaged cache file: rebuild it below
-            meta = None
+        meta = None  # a damaged cache: rewritten below
     tok = load_hf()
     if meta is None:
         try:
