@@ -114,6 +114,8 @@ def main() -> None:
                     help="also profile 8 rows at once (w4g128 int8 activations) without and with 8 different LoRA "
                          "adapters (the vs_llamacpp 8-row case)")
     ap.add_argument("--only-rows8", action="store_true", help="only the 8-row profile")
+    ap.add_argument("--rows8-weights", default="w4g128",
+                    help="comma-separated weights for the 8-row profile: w4g128 (int8 activations), fp32")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "native_profile"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -132,7 +134,12 @@ def main() -> None:
     if args.only_rows8:
         variants = []
     if args.rows8 or args.only_rows8:
-        variants_rows8 = [("w4g128", work / "slimswarm-w4g128-rtn", True)]
+        known = {"w4g128": ("w4g128", work / "slimswarm-w4g128-rtn", True),
+                 "fp32": ("fp32", work / "smollm2-135m-f32.gguf", False)}
+        bad = [w for w in args.rows8_weights.split(",") if w not in known]
+        if bad:
+            raise SystemExit(f"--rows8-weights: unknown {bad[0]!r} (known: {', '.join(known)})")
+        variants_rows8 = [known[w] for w in args.rows8_weights.split(",")]
     else:
         variants_rows8 = []
     for name, path, act8 in variants:
