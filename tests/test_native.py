@@ -145,6 +145,25 @@ def test_bf16_weights_and_a_96_wide_model_with_32_column_tails():
     _assert_parity(q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_weight_tiles_for_every_count_of_rows_and_odd_shapes(dtype):
+    """Float weights with several rows of x run in tiles of 4 weight rows x 4 (AVX2: 2) rows of x: every count of
+    rows 2-8 (the tiles' rest), 99 weight rows (one left after the fours: the LM head), 84 and 90 columns (not a
+    multiple of 8: the scalar tail of each dot product), Qwen2 biases."""
+    m = _model(hidden=84, inter=90, heads=3, kv=1, vocab=99, model_type="qwen2", qkv_bias=True, o_bias=True,
+               mlp_bias=True, tie_word_embeddings=False)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.weight.data = mod.weight.data.to(dtype)
+    assert native.step_for(m) is not None, native.why_not(m)
+    extra = [[7, 70, 13], [2, 4, 6, 8, 10], [90, 1], [33, 34, 35, 36]]
+    for rows in (2, 3, 5, 6, 7, 8):
+        prompts = (PROMPTS + extra)[:rows]
+        py = _decode(m, prompts, on=False)
+        nat = _decode(m, prompts, on=True)
+        assert (py - nat).abs().max().item() <= TOL, rows
+
+
 def test_padding_and_left_padded_batches():
     m = _model()
     quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
