@@ -907,8 +907,9 @@ static void wf_rows(const ss_lin *L, const float *x, int64_t M, int64_t n0, int6
             const int mr = M - m0 < WF_MR ? (int)(M - m0) : WF_MR;
             float o[4][8];
             /* the rows WF_PF_TILES tiles ahead, prefetched into L2 during the first pass over these (the hardware's
-             * stream prefetcher follows one long stream well, several short interleaved ones poorly) */
-            const char *pf = m0 == 0 && n + WF_NR * (1 + WF_PF_TILES) <= n1 ? w + WF_NR * WF_PF_TILES * K * es : NULL;
+             * stream prefetcher follows one long stream well, several short interleaved ones poorly); past n1 too:
+             * lin_rows calls this on ~32 KB pieces of rows, whose next piece then arrives in time */
+            const char *pf = m0 == 0 && n + WF_NR * (1 + WF_PF_TILES) <= L->N ? w + WF_NR * WF_PF_TILES * K * es : NULL;
             if (nr == WF_NR)
                 wf_tile_any(w, bf, K, WF_NR, x + m0 * K, mr, o, pf);
             else
