@@ -831,19 +831,21 @@ void ss_repack_q4(const uint8_t *codes, int64_t N, int64_t K, uint8_t *out) {
  * tiles 30 ms with no prefetch, 27-32 ms prefetching one tile ahead into L1, 17.6-18.1 ms two tiles ahead into L2
  * (2 x 8 and 3 x 8 tiles: 17-19 ms; the same tiles with the weights in cache: 10-11 ms). Without AVX-512VL there are
  * 16 vector registers: 4 x 2 tiles (8 accumulators) keep them out of the stack. */
-#ifndef WF_PF_TILES
 #define WF_PF_TILES 2
-#endif
-#ifndef WF_PF_HINT
 #define WF_PF_HINT _MM_HINT_T1
+#define WF_NR 4
+#if defined(__AVX512VL__)
+#define WF_MR 4
+#else
+#define WF_MR 2
 #endif
 /* fp32 (or bf16) weights, several rows of x: a tile of NR weight rows x MR rows of x in NR * MR accumulators, so each
  * weight vector loaded serves MR rows of x and each x vector NR weight rows (dot_f32 per (row, row of x) loaded two
  * vectors for each FMA and was load-bound). NR and MR are constants at every call (always_inline): the accumulators
  * stay in registers. o[r][m] = row r of w . row m of x. */
 static inline __attribute__((always_inline)) void wf_tile(const void *w, int bf, int64_t K, const int NR,
-                                                          const float *x, const int MR, float o[4][8], const char *pf) {
-    __m256 acc[4][8];
+                                                          const float *x, const int MR, float o[4][4], const char *pf) {
+    __m256 acc[4][4];
     for (int r = 0; r < NR; r++)
         for (int m = 0; m < MR; m++) acc[r][m] = _mm256_setzero_ps();
     int64_t k = 0;
@@ -872,12 +874,8 @@ static inline __attribute__((always_inline)) void wf_tile(const void *w, int bf,
 }
 
 static inline __attribute__((always_inline)) void wf_tile_any(const void *w, int bf, int64_t K, const int NR,
-                                                              const float *x, int mr, float o[4][8], const char *pf) {
+                                                              const float *x, int mr, float o[4][4], const char *pf) {
     switch (mr) {
-    case 8: wf_tile(w, bf, K, NR, x, 8, o, pf); break;
-    case 7: wf_tile(w, bf, K, NR, x, 7, o, pf); break;
-    case 6: wf_tile(w, bf, K, NR, x, 6, o, pf); break;
-    case 5: wf_tile(w, bf, K, NR, x, 5, o, pf); break;
     case 4: wf_tile(w, bf, K, NR, x, 4, o, pf); break;
     case 3: wf_tile(w, bf, K, NR, x, 3, o, pf); break;
     case 2: wf_tile(w, bf, K, NR, x, 2, o, pf); break;
@@ -885,17 +883,7 @@ static inline __attribute__((always_inline)) void wf_tile_any(const void *w, int
     }
 }
 
-/* lin_rows_k's float path for M > 1: weight rows in fours (then one by one), rows of x in fours (then the rest) */
-#ifndef WF_NR
-#define WF_NR 4
-#endif
-#ifndef WF_MR
-#if defined(__AVX512VL__)
-#define WF_MR 4
-#else
-#define WF_MR 2
-#endif
-#endif
+/* lin_rows_k's float path for M > 1: weight rows in fours (then one by one), rows of x in WF_MRs (then the rest) */
 static void wf_rows(const ss_lin *L, const float *x, int64_t M, int64_t n0, int64_t n1, float *y, int64_t ys, int add) {
     const int64_t K = L->K;
     const int bf = L->fmt == F_BF16;
@@ -905,7 +893,7 @@ static void wf_rows(const ss_lin *L, const float *x, int64_t M, int64_t n0, int6
         const char *w = (const char *)L->w + (size_t)n * K * es;
         for (int64_t m0 = 0; m0 < M; m0 += WF_MR) {
             const int mr = M - m0 < WF_MR ? (int)(M - m0) : WF_MR;
-            float o[4][8];
+            float o[4][4];
             /* the rows WF_PF_TILES tiles ahead, prefetched into L2 during the first pass over these (the hardware's
              * stream prefetcher follows one long stream well, several short interleaved ones poorly); past n1 too:
              * lin_rows calls this on ~32 KB pieces of rows, whose next piece then arrives in time */

@@ -1,7 +1,7 @@
 """``python -m slimswarm.models.warm_tokenizer {gguf|hf} PATH``: load a tokenizer through transformers once, which
 writes its replay cache (models/tokenizer.py), and exit. A process that finds nothing cached runs this as a child,
 so transformers' import and conversion (~85 MB resident for SmolLM2's GGUF vocabulary) never sit beside its
-weights. Exit 0 when the cache now replays; 1 when it cannot (the parent then loads in-process and reports why)."""
+weights. Exit 0 when the load ran; 1 when it failed (the parent then loads in-process and reports why)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,21 @@ import sys
 from pathlib import Path
 
 
-def warm(kind: str, path: str) -> bool:
-    from .tokenizer import ReplayedTokenizer
-
+def warm(kind: str, path: str) -> None:
+    """Load the tokenizer once, in-process here: with nothing cached, transformers converts it and the cache is
+    written (the parent checks that it replays)."""
     os.environ["SLIMSWARM_TOKENIZER_CHILD"] = "0"  # never recurse
     if kind == "gguf":
         from . import gguf
 
         cfg, _ = gguf.open_gguf(path)
-        tok = gguf.gguf_tokenizer(path, cfg)
+        gguf.gguf_tokenizer(path, cfg)
     elif kind == "hf":
         from .hf import read_hf_tokenizer
 
-        tok = read_hf_tokenizer(Path(path), None)
+        read_hf_tokenizer(Path(path), None)
     else:
-        raise ValueError(f"warm_tokenizer: unknown kind {kind!r} (gguf or hf)")
-    if isinstance(tok, ReplayedTokenizer):
-        return True
-    again = gguf.gguf_tokenizer(path, cfg) if kind == "gguf" else read_hf_tokenizer(Path(path), None)
-    return isinstance(again, ReplayedTokenizer)  # the cache written by the first load replays
+        raise ValueError(f"unknown kind {kind!r} (gguf or hf)")
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +32,8 @@ def main(argv: list[str]) -> int:
         print("usage: python -m slimswarm.models.warm_tokenizer {gguf|hf} PATH", file=sys.stderr)
         return 2
     try:
-        return 0 if warm(*argv) else 1
+        warm(*argv)
+        return 0
     except Exception as e:  # noqa: BLE001 - any failure: the parent loads in-process and reports it
         print(f"warm_tokenizer: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
