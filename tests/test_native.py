@@ -164,6 +164,23 @@ def test_float_weight_tiles_for_every_count_of_rows_and_odd_shapes(dtype):
         assert (py - nat).abs().max().item() <= TOL, rows
 
 
+def test_float_weights_decode_up_to_32_rows_in_one_call():
+    """Past 8 rows the step now takes float weights too (it beat torch's matmuls once the tiles landed): 13 and 32
+    rows match the Python path; the call context grows to 32 rows only when a call needs them."""
+    m = _model(seed=3)
+    step = native.step_for(m)
+    assert step is not None and not step.prefill_fast and native.step_for_rows(m, 33) is None
+    _decode(m, PROMPTS[:1], on=True)
+    assert step._ctx_key[2] == native.MAX_M  # batch 1: buffers for 8 rows
+    for rows in (13, 32):
+        prompts = [[(3 * i + j) % 96 for j in range(1 + i % 5)] for i in range(rows)]
+        assert native.step_for_rows(m, rows) is step
+        py = _decode(m, prompts, on=False)
+        nat = _decode(m, prompts, on=True)
+        assert (py - nat).abs().max().item() <= TOL, rows
+    assert step._ctx_key[2] == native.MAX_M_FAST
+
+
 def test_padding_and_left_padded_batches():
     m = _model()
     quantize_model(m, QuantizeConfig(method="rtn", bits=4, group_size=64, head_bits=8))
