@@ -826,11 +826,12 @@ void ss_repack_q4(const uint8_t *codes, int64_t N, int64_t K, uint8_t *out) {
         }
 }
 
-/* Tile shape and prefetch of wf_rows, chosen in a C microbenchmark (SmolLM2's gate/up shapes, 60 matrices of
+/* Tile shape and prefetch of wf_rows, chosen in a one-off C microbenchmark (not kept; gate/up shapes, 60 matrices of
  * 1536 x 576 fp32 streamed from memory, 8 rows of x, one thread, Zen 4): per-(row, row of x) dot products 32 ms; 4 x 4
  * tiles 30 ms with no prefetch, 27-32 ms prefetching one tile ahead into L1, 17.6-18.1 ms two tiles ahead into L2
  * (2 x 8 and 3 x 8 tiles: 17-19 ms; the same tiles with the weights in cache: 10-11 ms). Without AVX-512VL there are
- * 16 vector registers: 4 x 2 tiles (8 accumulators) keep them out of the stack. */
+ * 16 vector registers: 4 x 2 tiles (8 accumulators) keep them out of the stack. The kept measurement: SmolLM2 fp32,
+ * 8 rows, 2 threads, 51.6 -> 30.1 ms a step (benchmarks/native_profile.py --only-rows8 --rows8-weights fp32). */
 #define WF_PF_TILES 2
 #define WF_PF_HINT _MM_HINT_T1
 #define WF_NR 4

@@ -437,8 +437,9 @@ class NativeStep:
                      lslots: list[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Last-position logits [S, vocab] (fp32) of S sequences prefilled together (kernels/decode.c
         ss_prefill_rows): ``seqs[i]`` (token ids) at cache slots starts[i].. of row rows[i], ``pads[i]`` leading
-        padded slots, ``lslots[i]`` its LoRA slot (0: none); positions of consecutive sequences share calls of up
-        to 32 (8 for models whose step is not ``prefill_fast``). ``out``: a contiguous fp32 [S, vocab] to write."""
+        padded slots, ``lslots[i]`` its LoRA slot (0: none); positions of consecutive sequences share calls of as
+        many positions as the call context holds rows (32 for ``prefill_fast`` models, else 8 until a decode of more
+        rows grew it). ``out``: a contiguous fp32 [S, vocab] to write."""
         self._bind_caches(model)
         nth = max(1, torch.get_num_threads())
         ctx = self._context(nth)
@@ -562,7 +563,7 @@ def step_for_rows(model, m: int) -> NativeStep | None:
     """The native step for a one-token forward of ``m`` rows (up to MAX_M_FAST), or None. Past 8 rows it used to
     take only models whose quantized layers take int8 activations, the Python path's batched matmuls being faster
     than the step's float loops; with the float tiles (decode.c wf_rows) the step is faster for every format
-    (SmolLM2 fp32, 2 threads: 16 rows 330 vs 130 tok/s, 32 rows 331 vs 197)."""
+    (benchmarks/native_rows.py: SmolLM2 fp32, 2 threads, 16 rows 254 vs 119 tok/s, 32 rows 327 vs 153)."""
     if m > MAX_M_FAST:
         return None
     return step_for(model)
