@@ -196,9 +196,9 @@ def test_first_load_converts_in_a_child_and_never_imports_transformers(tmp_path,
     assert len(list((tmp_path / "cache").rglob("replay.json"))) == 2
 
 
-def test_a_failed_child_leaves_the_first_load_in_process(own_cache, monkeypatch, smollm2):
+def test_a_failed_child_leaves_the_first_load_in_process(own_cache, monkeypatch, smollm2, capsys):
     """The child cannot run (here: it exits 1 at once): the load goes through transformers in-process, as before,
-    and writes the cache itself."""
+    and writes the cache itself, after one warning line that says why."""
     from slimswarm.models import gguf, tokenizer
     from slimswarm.models.load import smollm2_gguf_path
 
@@ -215,6 +215,8 @@ def test_a_failed_child_leaves_the_first_load_in_process(own_cache, monkeypatch,
     cfg, _ = gguf.open_gguf(path)
     first = gguf.gguf_tokenizer(path, cfg)
     assert calls == [["gguf", str(path.resolve())]] and type(first) is HFTokenizer
+    assert capsys.readouterr().err == ("slimswarm: warning: tokenizer conversion in a child process failed (exit code 1);"
+                                       " converting in-process\n")
     assert first.encode("Hello there") == smollm2.tokenizer.encode("Hello there")
     assert type(gguf.gguf_tokenizer(path, cfg)) is ReplayedTokenizer and len(calls) == 1  # cached: no child
 

@@ -224,11 +224,22 @@ def fill_cache_in_child(source: tuple[str, str]) -> bool:
            "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     try:
         done = subprocess.run([sys.executable, "-m", "slimswarm.models.warm_tokenizer", *source], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=900, check=False)
-    except (OSError, subprocess.SubprocessError):
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=900, check=False, text=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        _warn_in_process(f"{type(e).__name__}: {e}")
         return False
-    return done.returncode == 0
+    if done.returncode != 0:
+        last = (done.stderr or "").strip().splitlines()
+        _warn_in_process(last[-1] if last else f"exit code {done.returncode}")
+        return False
+    return True
+
+
+def _warn_in_process(reason: str) -> None:
+    """One line on stderr: the first load runs transformers in this process after all (+85 MB peak on SmolLM2)."""
+    print(f"slimswarm: warning: tokenizer conversion in a child process failed ({reason}); converting in-process",
+          file=sys.stderr)
 
 
 def replayed_or_loaded(cache: Path, load_hf: Callable[[], Any], eos_ids: list[int] | None,
@@ -246,6 +257,7 @@ def replayed_or_loaded(cache: Path, load_hf: Callable[[], Any], eos_ids: list[in
         tok = _replayed(cache, meta, eos_ids, load_hf)
         if tok is not None:
             return tok
+        _warn_in_process(f"its cache in {cache} does not replay")
     if meta is not None and meta.get("replay"):
         meta = None  # a damaged cache: rewritten below
     tok = load_hf()
