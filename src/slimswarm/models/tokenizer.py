@@ -257,7 +257,8 @@ def replayed_or_loaded(cache: Path, load_hf: Callable[[], Any], eos_ids: list[in
         tok = _replayed(cache, meta, eos_ids, load_hf)
         if tok is not None:
             return tok
-        _warn_in_process(f"its cache in {cache} does not replay")
+        if meta is None or meta.get("replay"):  # (a class that cannot replay is loaded in-process by design)
+            _warn_in_process(f"its cache in {cache} does not replay")
     if meta is not None and meta.get("replay"):
         meta = None  # a damaged cache: rewritten below
     tok = load_hf()
